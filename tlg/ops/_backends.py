@@ -1,0 +1,166 @@
+"""Backends behind the op front doors, and how ``"auto"`` chooses among them.
+
+``"auto"`` (or ``TLG_BACKEND`` when set) picks, per op and device type:
+CPU tensors  -> cpp, else reference;
+CUDA tensors -> triton, else cuda, else reference.
+A backend named explicitly must support the op on that device, or the call fails clearly.
+
+Each backend states a verification level per op, as in the README status table:
+``spec`` (the reference itself), ``measured-CPU``, ``interpreter-verified``,
+``emulation-verified``, ``compiled-only``, ``GPU-verified``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import reference
+
+OPS = ("correlation", "cp_conv4d", "sinkhorn")
+NAMES = ("auto", "reference", "cpp", "cuda", "triton")
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+class Backend:
+    """One implementation of the three ops. Subclasses override the ops they provide."""
+
+    name: str = ""
+    device_types: tuple[str, ...] = ()
+
+    def load_error(self) -> Optional[str]:
+        """Why this backend cannot run here at all, or None."""
+        return None
+
+    def status(self, op: str) -> Optional[str]:
+        """Verification level of ``op``, or None when the backend does not provide it."""
+        raise NotImplementedError
+
+    def supports(self, op: str, device_type: str) -> bool:
+        return self.load_error() is None and device_type in self.device_types and self.status(op) is not None
+
+    # --- the ops, on validated input (support mask at support size, marginals materialised) ---
+    def correlation(self, query, support, support_mask, eps):
+        raise NotImplementedError
+
+    def correlation_stack(self, queries: Sequence[torch.Tensor], supports: Sequence[torch.Tensor], support_mask, eps):
+        """(B, L, Hq, Wq, Hs, Ws) for L layers of equal sizes. Backends with a kernel that writes
+        the stacked layout directly override this."""
+        return torch.stack([self.correlation(q, s, support_mask, eps) for q, s in zip(queries, supports)], dim=1)
+
+    def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
+        raise NotImplementedError
+
+    def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every) -> reference.SinkhornResult:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    device_types = ("cpu", "cuda")
+
+    def status(self, op):
+        return "spec"
+
+    def correlation(self, query, support, support_mask, eps):
+        return reference.correlation(query, support, support_mask, eps)
+
+    def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
+        return reference.cp_conv4d(x, weight_q, bias_q, weight_s, bias_s, stride)
+
+    def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every):
+        return reference.sinkhorn(cost, a, b, eps, max_iter, tol, check_every)
+
+
+class LibraryBackend(Backend):
+    """A backend whose kernels are the ``torch.ops.tlg.<prefix>*`` family of ``csrc/ops.cpp``."""
+
+    def __init__(self, name: str, prefix: str, device_types: tuple[str, ...], dispatch_key: Optional[str],
+                 loader: Callable[[], Optional[str]], levels: dict[str, str]):
+        self.name, self.prefix, self.device_types = name, prefix, device_types
+        self._dispatch_key, self._loader, self._levels = dispatch_key, loader, levels
+
+    @functools.cache
+    def load_error(self) -> Optional[str]:
+        return self._loader()
+
+    def status(self, op):
+        if self.load_error() is not None or op not in self._levels:
+            return None
+        name = f"{self.prefix}{op}_forward"
+        if not hasattr(torch.ops.tlg, name):
+            return None
+        if self._dispatch_key and not torch._C._dispatch_has_kernel_for_dispatch_key(f"tlg::{name}", self._dispatch_key):
+            return None
+        return self._levels[op]
+
+    def _op(self, name):
+        return getattr(torch.ops.tlg, self.prefix + name)
+
+    def correlation(self, query, support, support_mask, eps):
+        return self._op("correlation_forward")(query, support, support_mask, eps)
+
+    def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
+        return self._op("cp_conv4d_forward")(x, weight_q, bias_q, weight_s, bias_s, stride)
+
+    def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every):
+        return reference.SinkhornResult(*self._op("sinkhorn_forward")(cost, a, b, eps, max_iter, tol, check_every))
+
+
+_REGISTRY: dict[str, Backend] = {"reference": ReferenceBackend()}
+
+
+def add(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def get(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def all_backends() -> dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+@functools.cache
+def _warn_fallback(device_type: str, op: str, reasons: str) -> None:
+    warnings.warn(
+        f"tlg: no compiled kernel for {op} on {device_type} ({reasons}); using the pure-PyTorch reference. "
+        "See tlg.ops.backend_info().",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def auto_choice(op: str, device_type: str) -> str:
+    for name in AUTO_ORDER.get(device_type, ("reference",)):
+        backend = _REGISTRY.get(name)
+        if backend is not None and backend.supports(op, device_type):
+            return name
+    return "reference"
+
+
+def select(op: str, backend: str, device: torch.device) -> Backend:
+    """The backend that runs ``op`` for tensors on ``device``."""
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("TLG_BACKEND", "auto") or "auto"
+        if backend not in NAMES:
+            raise ValueError(f"TLG_BACKEND must be one of {NAMES}, got {backend!r}")
+    if backend == "auto":
+        name = auto_choice(op, device.type)
+        if name == "reference" and device.type == "cpu":
+            cpp = _REGISTRY.get("cpp")
+            reason = cpp.load_error() if cpp is not None else "not registered"
+            if reason:  # the extension is missing: say so once; a missing single kernel is silent
+                _warn_fallback(device.type, op, reason)
+        return _REGISTRY[name]
+    chosen = _REGISTRY.get(backend)
+    if chosen is None or not chosen.supports(op, device.type):
+        why = "not installed" if chosen is None else (chosen.load_error() or f"no {op} kernel for {device.type} tensors")
+        raise RuntimeError(f"backend {backend!r} cannot run {op} on {device.type}: {why}")
+    return chosen
