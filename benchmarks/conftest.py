@@ -1,0 +1,161 @@
+"""Shared benchmark harness: realistic shapes, the HSNet 4D encoder, GFLOP/s and a GEMM roofline.
+
+Every kernel is timed beside the reference in the same run. At the end, a table prints each
+case's mean time, GFLOP/s, its ratio to the reference and the measured GEMM roofline of this
+machine. Run ``pytest benchmarks --benchmark-only`` (``-k quick`` for the short subset).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tlg
+from tlg.ops import _backends
+
+# ResNet50 at 400x400: HSNet's 13 taps (layer2: 50x50x512 x4, layer3: 25x25x1024 x6, layer4: 13x13x2048 x3)
+RESNET50_LAYERS = [(512, 50)] * 4 + [(1024, 25)] * 6 + [(2048, 13)] * 3
+RESNET50_STACK_IDS = [3, 9, 13]
+
+
+def compiled_backends(op: str, device_type: str = "cpu") -> list[str]:
+    """Backends other than the reference that have a kernel for ``op`` here."""
+    return [name for name, be in _backends.all_backends().items()
+            if name != "reference" and be.supports(op, device_type)]
+
+
+def backends_for(op: str) -> list[str]:
+    return ["reference", *compiled_backends(op)]
+
+
+# ------------------------------------------------------------------------------ HSNet encoder
+class HSNetEncoder(nn.Module):
+    """HSNet's 4D encoder (``HPNLearner`` up to the support-dim average): three squeeze blocks of
+    center-pivot convolutions with GroupNorm(4) + ReLU, then the 4->3 and 3->2 mixing blocks:
+    15 center-pivot layers in all (Min et al., ICCV 2021, section 3.3)."""
+
+    def __init__(self, in_layers=(3, 6, 4), backend: str = "auto"):
+        super().__init__()
+
+        def block(inch, kernels, strides, outs=(16, 64, 128)):
+            layers = []
+            for outch, k, s in zip(outs, kernels, strides):
+                layers += [tlg.ops.CenterPivotConv4d(inch, outch, (k,) * 4, (1, 1, s, s), (k // 2,) * 4, backend=backend),
+                           nn.GroupNorm(4, outch), nn.ReLU(inplace=True)]
+                inch = outch
+            return nn.Sequential(*layers)
+
+        self.encoder_layer4 = block(in_layers[0], [3, 3, 3], [2, 2, 2])
+        self.encoder_layer3 = block(in_layers[1], [5, 3, 3], [4, 2, 2])
+        self.encoder_layer2 = block(in_layers[2], [5, 5, 3], [4, 4, 2])
+        self.encoder_layer4to3 = block(128, [3, 3, 3], [1, 1, 1], (128, 128, 128))
+        self.encoder_layer3to2 = block(128, [3, 3, 3], [1, 1, 1], (128, 128, 128))
+
+    @staticmethod
+    def _resize_query_dims(x, size):
+        b, c, ha, wa, hb, wb = x.shape
+        x = x.permute(0, 4, 5, 1, 2, 3).reshape(b * hb * wb, c, ha, wa)
+        x = F.interpolate(x, size, mode="bilinear", align_corners=True)
+        return x.reshape(b, hb, wb, c, *size).permute(0, 3, 4, 5, 1, 2).contiguous()
+
+    def forward(self, corr_l4, corr_l3, corr_l2):
+        sqz4, sqz3, sqz2 = self.encoder_layer4(corr_l4), self.encoder_layer3(corr_l3), self.encoder_layer2(corr_l2)
+        mix43 = self.encoder_layer4to3(self._resize_query_dims(sqz4, sqz3.shape[2:4]) + sqz3)
+        mix432 = self.encoder_layer3to2(self._resize_query_dims(mix43, sqz2.shape[2:4]) + sqz2)
+        b, c, ha, wa = mix432.shape[:4]
+        return mix432.reshape(b, c, ha, wa, -1).mean(-1)
+
+
+def encoder_inputs(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> list[torch.Tensor]:
+    return [torch.rand(batch, n, h, h, h, h) for n, h in zip(layers, sizes)]
+
+
+def encoder_flops(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> int:
+    """Center-pivot conv FLOPs of one :class:`HSNetEncoder` forward (norms and resizes excluded)."""
+    from tlg.ops.reference import cp_conv4d_flops
+
+    total = 0
+    specs = {13: ([3, 3, 3], [2, 2, 2]), 25: ([5, 3, 3], [4, 2, 2]), 50: ([5, 5, 3], [4, 4, 2])}
+    final_support = {}
+    for n, h in zip(layers, sizes):
+        shape, cin = [batch, n, h, h, h, h], n
+        for cout, k, s in zip((16, 64, 128), *specs[h]):
+            total += cp_conv4d_flops(shape, cout, k, k, s)
+            shape = [batch, cout, h, h, -(-shape[4] // s), -(-shape[5] // s)]
+        final_support[h] = shape[4:]
+    for h in sizes[1:]:  # mixing at the query size of layer3 and layer2, support dims of that stack
+        total += 3 * cp_conv4d_flops([batch, 128, h, h, *final_support[h]], 128, 3, 3, 1)
+    return total
+
+
+# ------------------------------------------------------------------------------ reporting
+@dataclass
+class Row:
+    group: str
+    case: str
+    impl: str
+    mean_s: float
+    gflops: float | None
+    extra: str = ""
+
+
+_ROWS: list[Row] = []
+
+
+def record(benchmark, group: str, case: str, impl: str, flops: int | None = None, extra: str = "") -> None:
+    """Attach GFLOP/s to a finished pytest-benchmark run and remember it for the summary table."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return
+    mean = stats.stats.mean
+    gflops = flops / mean / 1e9 if flops else None
+    benchmark.extra_info.update({"gflops": gflops, "impl": impl, "case": case, "extra": extra})
+    _ROWS.append(Row(group, case, impl, mean, gflops, extra))
+
+
+_ROOFLINE: dict[str, float] = {}
+
+
+def gemm_roofline(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> float:
+    """Best measured GFLOP/s of ``torch.mm`` on n x n matrices: this machine's practical ceiling."""
+    key = f"{dtype}"
+    if key not in _ROOFLINE:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        _ROOFLINE[key] = 2 * n**3 / best / 1e9
+    return _ROOFLINE[key]
+
+
+@pytest.fixture(scope="session")
+def roofline() -> float:
+    return gemm_roofline()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _ROWS:
+        return
+    tr = terminalreporter
+    tr.section("tlg kernels beside the reference (same run)")
+    tr.write_line(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                  f"torch {torch.__version__}; GEMM roofline (torch.mm 2048^2 fp32): {gemm_roofline():.1f} GFLOP/s")
+    by_case = defaultdict(dict)
+    for r in _ROWS:
+        by_case[(r.group, r.case)][r.impl] = r
+    tr.write_line(f"{'group':<14}{'case':<34}{'impl':<12}{'mean ms':>10}{'GFLOP/s':>10}{'vs ref':>9}  notes")
+    for (group, case), impls in by_case.items():
+        ref = impls.get("reference")
+        for impl, r in impls.items():
+            ratio = f"{ref.mean_s / r.mean_s:8.2f}x" if ref and impl != "reference" else f"{'':>9}"
+            gf = f"{r.gflops:10.1f}" if r.gflops else f"{'':>10}"
+            tr.write_line(f"{group:<14}{case:<34}{impl:<12}{r.mean_s * 1e3:10.2f}{gf}{ratio}  {r.extra}")

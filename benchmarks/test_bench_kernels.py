@@ -1,0 +1,111 @@
+"""The three ops at ResNet50-400x400 shapes, every available backend beside the reference.
+
+Cases whose id contains ``quick`` form the short run (``-k quick``, used by ``tlg bench``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tlg
+from tlg.ops import reference as R
+
+from conftest import (RESNET50_LAYERS, RESNET50_STACK_IDS, HSNetEncoder, backends_for, encoder_flops,
+                      encoder_inputs, record)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _features(batch: int):
+    g = torch.Generator().manual_seed(0)
+    q = [torch.randn(batch, c, h, h, generator=g) for c, h in RESNET50_LAYERS]
+    s = [torch.randn(batch, c, h, h, generator=g) for c, h in RESNET50_LAYERS]
+    return q, s
+
+
+def _quarter_mask(batch: int, size: int = 50) -> torch.Tensor:
+    """A support mask covering 25% of the support area (a centred square of half the side)."""
+    m = torch.zeros(batch, size, size)
+    lo, hi = size // 4, size // 4 + size // 2
+    m[:, lo:hi, lo:hi] = 1
+    return m
+
+
+def _corr_flops(batch: int) -> int:
+    return sum(2 * batch * c * h**4 for c, h in RESNET50_LAYERS)
+
+
+@pytest.mark.parametrize("backend", backends_for("correlation"))
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "mask25"])
+@pytest.mark.parametrize("batch", [1, 4], ids=["b1-quick", "b4"])
+def test_correlation_13_layers(benchmark, backend, masked, batch):
+    q, s = _features(batch)
+    mask = _quarter_mask(batch) if masked else None
+    fn = lambda: tlg.ops.multilayer_correlation(q, s, RESNET50_STACK_IDS, mask, backend=backend)  # noqa: E731
+    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    assert [o.shape[1] for o in out] == [3, 6, 4]
+    record(benchmark, "correlation", f"13 layers b{batch} {'mask25' if masked else 'full'}", backend, _corr_flops(batch))
+
+
+@pytest.mark.parametrize("backend", backends_for("cp_conv4d"))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("batch", [1, 4], ids=["b1-quick", "b4"])
+def test_hsnet_encoder(benchmark, backend, mode, batch):
+    torch.manual_seed(0)
+    enc = HSNetEncoder(backend=backend)
+    inputs = encoder_inputs(batch)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return enc(*inputs)
+    else:
+        def fn():
+            enc.zero_grad(set_to_none=True)
+            out = enc(*inputs)
+            out.square().mean().backward()
+            return out
+    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    assert out.shape == (batch, 128, 50, 50)
+    flops = encoder_flops(batch) * (1 if mode == "fwd" else 3)  # backward ~ 2x forward (input + weights)
+    record(benchmark, "4d-encoder", f"HSNet encoder {mode} b{batch}", backend, flops)
+
+
+SINKHORN_CASES = {"16x50x50-quick": (16, 50, 50), "4x625x625": (4, 625, 625)}
+
+
+def _sinkhorn_problem(shape):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(*shape, generator=g)
+
+
+def _sinkhorn_impls():
+    impls = list(backends_for("sinkhorn"))
+    try:
+        import ot.batch  # noqa: F401
+        impls.append("pot-batch")
+    except ImportError:
+        pass
+    return impls
+
+
+@pytest.mark.parametrize("impl", _sinkhorn_impls())
+@pytest.mark.parametrize("case", list(SINKHORN_CASES))
+def test_sinkhorn(benchmark, impl, case):
+    """eps 0.5 (TLG's value), tol 1e-6, at most 1000 iterations. POT's batch solver stops on the
+    change of its duals rather than on the marginal error; both errors are printed."""
+    cost = _sinkhorn_problem(SINKHORN_CASES[case])
+    eps, tol, max_iter = 0.5, 1e-6, 1000
+    if impl == "pot-batch":
+        import ot.batch
+
+        fn = lambda: ot.batch.solve_batch(cost, reg=eps, max_iter=max_iter, tol=tol, method="log_sinkhorn",  # noqa: E731
+                                          grad="detach").plan
+    else:
+        fn = lambda: tlg.ops.sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol, backend=impl).plan  # noqa: E731
+    plan = benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    a = torch.full(cost.shape[:2], 1.0 / cost.shape[1])
+    b = torch.full((cost.shape[0], cost.shape[2]), 1.0 / cost.shape[2])
+    err = max(R.sinkhorn_marginal_error(plan, a).max().item(),
+              R.sinkhorn_marginal_error(plan.transpose(1, 2), b).max().item())
+    assert err < 1e-3
+    record(benchmark, "sinkhorn", f"{case.replace('-quick', '')} eps0.5", impl, None, f"marginal err {err:.1e}")
