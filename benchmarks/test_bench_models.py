@@ -1,0 +1,108 @@
+"""Whole models (HSNet, TLG; ResNet50) with tlg.ops on the reference beside each compiled backend.
+
+Forward (inference, ``torch.no_grad``) and forward+backward (a training step: ``model.loss``
+then ``backward``), batch 1 and 4, 200x200 and 400x400 images, same run; each case also
+reports its peak memory (CUDA: ``max_memory_allocated``; CPU: the running peak of the per-op
+allocations net of frees that the PyTorch profiler records during one extra call, so peaks
+inside a single op are not seen).
+
+The default run keeps to a few minutes: batch 4 at 400x400 is marked ``slow`` and only runs
+with ``TLG_BENCH_HEAVY=1`` (``pytest benchmarks/test_bench_models.py --benchmark-only``; the
+short subset is ``-k quick``). The backbone has random weights: timings do not depend on them.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tlg
+
+from conftest import compiled_backends, record
+
+MODEL_OPS = {"hsnet": ("correlation", "cp_conv4d"), "tlg": ("correlation", "cp_conv4d", "sinkhorn")}
+HEAVY = os.environ.get("TLG_BENCH_HEAVY") == "1"
+
+
+def _backends() -> list[str]:
+    names = {b for op in ("correlation", "cp_conv4d", "sinkhorn") for b in compiled_backends(op)}
+    return ["reference", *sorted(names)]
+
+
+def _cases():
+    for size in (200, 400):
+        for batch in (1, 4):
+            heavy = size == 400 and batch == 4
+            quick = "-quick" if (size, batch) == (200, 1) else ""  # the short run: -k quick
+            marks = [pytest.mark.slow] if heavy else []
+            yield pytest.param(size, batch, heavy, id=f"{size}px-b{batch}{quick}", marks=marks)
+
+
+def _batch(b: int, size: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(b, 1, size, size)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    return {
+        "query_img": torch.randn(b, 3, size, size, generator=g),
+        "support_imgs": torch.randn(b, 1, 3, size, size, generator=g),
+        "support_masks": mask,
+        "query_mask": (torch.rand(b, size, size, generator=g) > 0.5).long(),
+        "query_pseudo_mask": torch.rand(b, size, size, generator=g),
+        "text_embeddings": torch.randn(b, 3, 512, generator=g),
+        "class_names": ["object"] * b,
+    }
+
+
+def peak_memory_mb(fn) -> float:
+    """Peak bytes allocated by PyTorch during ``fn()`` (MiB), beyond what was live before."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0  # allocations net of frees, op by op in start order ([memory]: frees outside ops)
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("size,batch,heavy", list(_cases()))
+@pytest.mark.parametrize("name", ["hsnet", "tlg"])
+def test_model(benchmark, name, size, batch, heavy, mode, backend):
+    if heavy and not HEAVY:
+        pytest.skip("batch 4 at 400x400: set TLG_BENCH_HEAVY=1 to run it")
+    info = tlg.ops.backend_info()["backends"].get(backend, {})
+    lacking = [op for op in MODEL_OPS[name] if backend != "reference" and not info.get("ops", {}).get(op)]
+    if lacking:
+        pytest.skip(f"backend {backend} has no kernel for {', '.join(lacking)}")
+    torch.manual_seed(0)
+    config = {"img_size": size} if name == "tlg" else {}
+    model = tlg.build_model(name, backbone="resnet50", backend=backend, **config)
+    data = _batch(batch, size)
+    if mode == "fwd":
+        model.eval()
+
+        def fn():
+            with torch.no_grad():
+                return model(data)
+    else:
+        model.train()
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            loss, logits = model.loss(data)
+            loss.backward()
+            return logits
+
+    quick = (size, batch) == (200, 1)
+    out = benchmark.pedantic(fn, rounds=3 if quick else 1, warmup_rounds=1)  # whole models: seconds per call
+    assert out.shape == (batch, 2, size, size)
+    peak = peak_memory_mb(fn)
+    benchmark.extra_info["peak_memory_mb"] = peak
+    record(benchmark, f"model {name}", f"resnet50 {size}px b{batch} {mode}", backend, None, f"peak {peak:.0f} MiB")
