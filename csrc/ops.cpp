@@ -11,6 +11,10 @@ TORCH_LIBRARY(tlg, m) {
   m.def("correlation_forward(Tensor query, Tensor support, Tensor? support_mask, float eps) -> Tensor");
   m.def("correlation_backward(Tensor grad_out, Tensor query, Tensor support, Tensor? support_mask, float eps)"
         " -> (Tensor grad_query, Tensor grad_support)");
+  // Layers of equal sizes written straight into the stacked layout: L x (B,C_l,Hq,Wq) -> (B,L,Hq,Wq,Hs,Ws).
+  m.def("correlation_stack_forward(Tensor[] query, Tensor[] support, Tensor? support_mask, float eps) -> Tensor");
+  m.def("correlation_stack_backward(Tensor grad_out, Tensor[] query, Tensor[] support, Tensor? support_mask, float eps)"
+        " -> (Tensor[] grad_query, Tensor[] grad_support)");
   // (B,Cin,Ha,Wa,Hb,Wb) -> (B,Cout,Ha,Wa,ceil(Hb/s),ceil(Wb/s)); odd kernels, padding k//2.
   m.def("cp_conv4d_forward(Tensor x, Tensor weight_q, Tensor? bias_q, Tensor weight_s, Tensor? bias_s, int stride)"
         " -> Tensor");

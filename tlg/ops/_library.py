@@ -12,7 +12,24 @@ import math
 
 import torch
 
-FORWARD_OPS = ("correlation_forward", "cp_conv4d_forward", "sinkhorn_forward")
+# The op family's schemas, as ``csrc/ops.cpp`` defines them for the native library; Python-defined
+# backends (Triton) register the same schemas under their prefix.
+SCHEMAS = {
+    "correlation_forward": "(Tensor query, Tensor support, Tensor? support_mask, float eps) -> Tensor",
+    "correlation_backward": "(Tensor grad_out, Tensor query, Tensor support, Tensor? support_mask, float eps)"
+                            " -> (Tensor grad_query, Tensor grad_support)",
+    "correlation_stack_forward": "(Tensor[] query, Tensor[] support, Tensor? support_mask, float eps) -> Tensor",
+    "correlation_stack_backward": "(Tensor grad_out, Tensor[] query, Tensor[] support, Tensor? support_mask,"
+                                  " float eps) -> (Tensor[] grad_query, Tensor[] grad_support)",
+    "cp_conv4d_forward": "(Tensor x, Tensor weight_q, Tensor? bias_q, Tensor weight_s, Tensor? bias_s, int stride)"
+                         " -> Tensor",
+    "cp_conv4d_backward": "(Tensor grad_out, Tensor x, Tensor weight_q, Tensor weight_s, int stride,"
+                          " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight_q, Tensor grad_bias_q,"
+                          " Tensor grad_weight_s, Tensor grad_bias_s)",
+    "sinkhorn_forward": "(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, int check_every)"
+                        " -> (Tensor plan, Tensor f, Tensor g, Tensor n_iter, Tensor converged)",
+    "sinkhorn_backward": "(Tensor grad_plan, Tensor plan, float eps) -> (Tensor grad_cost, Tensor grad_a, Tensor grad_b)",
+}
 
 
 def _op(prefix: str, name: str):
@@ -125,3 +142,32 @@ def register(prefix: str) -> None:
         return gc, ga, gb, None, None, None, None
 
     torch.library.register_autograd(qual + "sinkhorn_forward", sk_backward, setup_context=sk_setup)
+
+
+def register_stack(prefix: str) -> None:
+    """Fake kernel and autograd of ``tlg::<prefix>correlation_stack_forward`` (optional op: L layers of
+    equal sizes written straight into the stacked (B, L, Hq, Wq, Hs, Ws) layout)."""
+    qual = f"tlg::{prefix}"
+
+    @torch.library.register_fake(qual + "correlation_stack_forward")
+    def _(query, support, support_mask, eps):
+        b, _, hq, wq = query[0].shape
+        return query[0].new_empty((b, len(query), hq, wq, support[0].shape[2], support[0].shape[3]))
+
+    @torch.library.register_fake(qual + "correlation_stack_backward")
+    def _(grad_out, query, support, support_mask, eps):
+        return [torch.empty_like(q) for q in query], [torch.empty_like(s) for s in support]
+
+    def setup(ctx, inputs, output):
+        query, support, support_mask, eps = inputs
+        ctx.n = len(query)
+        ctx.save_for_backward(*query, *support, support_mask)
+        ctx.eps = eps
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        query, support, support_mask = list(saved[: ctx.n]), list(saved[ctx.n : 2 * ctx.n]), saved[-1]
+        gq, gs = _op(prefix, "correlation_stack_backward")(grad.contiguous(), query, support, support_mask, ctx.eps)
+        return list(gq), list(gs), None, None
+
+    torch.library.register_autograd(qual + "correlation_stack_forward", backward, setup_context=setup)

@@ -1,0 +1,79 @@
+// Shared helpers of the CPU kernels: row-major GEMM on raw pointers, dtype plumbing.
+#pragma once
+#include <torch/extension.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Fortran BLAS exported by libtorch_cpu (MKL, LP64); column-major.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace tlg_cpu {
+
+inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                      int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                      int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Row-major C (m x n, row stride ldc) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
+// A is stored (m x k) with row stride lda, or (k x m) when ta; likewise B. MKL underneath:
+// multithreaded when called outside an OpenMP region, sequential inside one.
+template <typename T>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS leaves C untouched only for beta = 1; make k = 0 mean C = beta C
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  // Column-major BLAS sees the transposes: C^T = op(B)^T op(A)^T. Leading dimensions must be >= 1.
+  auto ld = [](int64_t v) { return static_cast<int>(std::max<int64_t>(v, 1)); };
+  blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), alpha, b,
+            ld(ldb), a, ld(lda), beta, c, ld(ldc));
+}
+
+// Compute dtype of a kernel: float for half inputs (float accumulation), else the input dtype.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+
+// `t` in the compute dtype, contiguous (a no-op when it already is).
+inline at::Tensor prepared(const at::Tensor& t) {
+  return t.to(compute_dtype(t.scalar_type())).contiguous();
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+}
+
+}  // namespace tlg_cpu

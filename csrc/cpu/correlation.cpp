@@ -1,0 +1,294 @@
+// Correlation volume on the CPU (semantics: tlg/ops/reference.py::correlation).
+//
+//   q̂_i = q_i / (||q_i|| + eps),   ŝ_j = m_j s_j / (|m_j| ||s_j|| + eps),   C_ij = max(0, <q̂_i, ŝ_j>)
+//
+// Forward: the support side is packed once per (batch, layer) into Ŝ (C x K), normalised, keeping
+// only the K support positions whose mask is nonzero. Query rows are processed in cache-sized
+// blocks, one block per task: a GEMM q_blockᵀ Ŝ lands in the output rows (or in a per-thread
+// buffer when positions were skipped or the output is half precision), and the epilogue scales by
+// 1/(||q_i|| + eps), applies the ReLU and scatters in place while the block is still in cache.
+// The stacked op writes layer l of (B, L, Hq, Wq, Hs, Ws) the same way; nothing is copied afterwards.
+#include "common.h"
+
+#include <cmath>
+#include <vector>
+
+namespace tlg_cpu {
+namespace {
+
+// Query side: 1 / (||q_i|| + eps) for the nq columns of q (C x nq).
+template <typename T>
+std::vector<T> inv_norms(const T* q, int64_t c, int64_t nq, double eps) {
+  std::vector<T> acc(nq, T(0));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T* row = q + ch * nq;
+    for (int64_t i = 0; i < nq; ++i) acc[i] += row[i] * row[i];
+  }
+  for (int64_t i = 0; i < nq; ++i) acc[i] = T(1) / (std::sqrt(acc[i]) + T(eps));
+  return acc;
+}
+
+// Support positions kept: all, or those with a nonzero mask.
+template <typename T>
+std::vector<int64_t> kept_columns(const T* mask, int64_t ns) {
+  std::vector<int64_t> cols;
+  cols.reserve(ns);
+  for (int64_t j = 0; j < ns; ++j)
+    if (mask == nullptr || mask[j] != T(0)) cols.push_back(j);
+  return cols;
+}
+
+// Support side packed: shat (C x K) = ŝ at the kept columns; scale_k = m_j / (|m_j| ||s_j|| + eps).
+template <typename T>
+void pack_support(const T* s, const T* mask, const std::vector<int64_t>& cols, int64_t c, int64_t ns, double eps,
+                  T* shat, T* scale) {
+  const int64_t k = cols.size();
+  std::vector<T> sq(ns, T(0));
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t j = 0; j < ns; ++j) sq[j] += s[ch * ns + j] * s[ch * ns + j];
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t j = cols[kk];
+    const T m = mask ? mask[j] : T(1);
+    scale[kk] = m / (std::abs(m) * std::sqrt(sq[j]) + T(eps));
+  }
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t kk = 0; kk < k; ++kk) shat[ch * k + kk] = s[ch * ns + cols[kk]] * scale[kk];
+}
+
+// The per-(batch, layer) prepared operands.
+template <typename T>
+struct Packed {
+  std::vector<T> inv_q, shat, scale;
+  std::vector<int64_t> cols;
+};
+
+template <typename T>
+std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
+                                const at::Tensor& mask, double eps) {
+  const int64_t nb = qs[0].size(0), nl = qs.size();
+  const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
+  std::vector<Packed<T>> packs(nb * nl);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < nb * nl; ++t) {
+    const int64_t b = t / nl, l = t % nl;
+    const int64_t c = qs[l].size(1);
+    const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
+    Packed<T>& p = packs[t];
+    p.inv_q = inv_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq, eps);
+    p.cols = kept_columns(m, ns);
+    p.shat.resize(c * p.cols.size());
+    p.scale.resize(p.cols.size());
+    pack_support(ss[l].data_ptr<T>() + b * c * ns, m, p.cols, c, ns, eps, p.shat.data(), p.scale.data());
+  }
+  return packs;
+}
+
+// out (B, L, nq, ns) in dtype O; T the compute dtype.
+template <typename T, typename O>
+void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss, const at::Tensor& mask,
+                  double eps, O* out) {
+  const int64_t nb = qs[0].size(0), nl = qs.size();
+  const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
+  const auto packs = pack_all<T>(qs, ss, mask, eps);
+  const int64_t k_max = packs.empty() ? 0 : static_cast<int64_t>(packs[0].cols.size());
+  // Rows per block: the block's GEMM output (rows x K) stays near 256 KiB.
+  const int64_t rows = std::min<int64_t>(nq, std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k_max, 1)));
+  const int64_t nblk = (nq + rows - 1) / rows;
+  constexpr bool same = std::is_same_v<T, O>;
+#pragma omp parallel
+  {
+    std::vector<T> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < nb * nl * nblk; ++t) {
+      const int64_t bl = t / nblk, blk = t % nblk, b = bl / nl, l = bl % nl;
+      const Packed<T>& p = packs[bl];
+      const int64_t c = qs[l].size(1), k = p.cols.size();
+      const int64_t i0 = blk * rows, r = std::min(rows, nq - i0);
+      O* dst = out + (bl * nq + i0) * ns;
+      const bool direct = same && k == ns;
+      T* g = nullptr;
+      if constexpr (same) {
+        if (direct) g = reinterpret_cast<T*>(dst);
+      }
+      if (!direct) {
+        buf.resize(r * std::max<int64_t>(k, 1));
+        g = buf.data();
+      }
+      // g (r x K) = q[:, i0:i0+r]ᵀ Ŝ
+      const T* q = qs[l].data_ptr<T>() + b * c * nq + i0;
+      if (k > 0) gemm<T>(true, false, r, k, c, T(1), q, nq, p.shat.data(), k, T(0), g, k);
+      for (int64_t i = 0; i < r; ++i) {
+        const T iq = p.inv_q[i0 + i];
+        T* gi = g + i * k;
+        O* oi = dst + i * ns;
+        if (direct) {
+          for (int64_t j = 0; j < ns; ++j) gi[j] = std::max(T(0), gi[j] * iq);
+        } else {
+          if (k < ns) std::fill(oi, oi + ns, O(0));
+          for (int64_t kk = 0; kk < k; ++kk) oi[p.cols[kk]] = static_cast<O>(std::max(T(0), gi[kk] * iq));
+        }
+      }
+    }
+  }
+}
+
+// Backward of x̂ = x / (||x|| + eps) for one column: dx = (dx̂ - x̂ <x̂, dx̂> (n + eps) / n) / (n + eps),
+// with the second term zero at n = 0 (as torch's norm backward). `inv` = 1 / (n + eps).
+template <typename T>
+inline T norm_back_coef(T dot, T inv, double eps) {
+  const T n = T(1) / inv - T(eps);
+  return n > T(0) ? dot / (n * inv) : T(0);  // <x̂, dx̂> (n + eps) / n
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad, const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
+                   const at::Tensor& mask, double eps, std::vector<at::Tensor>& gqs, std::vector<at::Tensor>& gss) {
+  const int64_t nb = qs[0].size(0), nl = qs.size();
+  const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
+  const auto packs = pack_all<T>(qs, ss, mask, eps);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t l = 0; l < nl; ++l) {
+      const Packed<T>& p = packs[b * nl + l];
+      const int64_t c = qs[l].size(1), k = p.cols.size();
+      const T* q = qs[l].data_ptr<T>() + b * c * nq;
+      const T* g = grad.data_ptr<T>() + (b * nl + l) * nq * ns;
+      T* gq = gqs[l].data_ptr<T>() + b * c * nq;
+      T* gs = gss[l].data_ptr<T>() + b * c * ns;
+      std::fill(gs, gs + c * ns, T(0));
+      if (k == 0) {
+        std::fill(gq, gq + c * nq, T(0));
+        continue;
+      }
+      // q̂ (C x nq); H (nq x K) = grad where q̂ᵀŝ > 0, else 0 (the ReLU gate, open at 0 like clamp).
+      std::vector<T> qhat(c * nq), h(nq * k), dqhat(c * nq), dshat(c * k);
+#pragma omp parallel for
+      for (int64_t ch = 0; ch < c; ++ch)
+        for (int64_t i = 0; i < nq; ++i) qhat[ch * nq + i] = q[ch * nq + i] * p.inv_q[i];
+      gemm<T>(true, false, nq, k, c, T(1), qhat.data(), nq, p.shat.data(), k, T(0), h.data(), k);
+#pragma omp parallel for
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t kk = 0; kk < k; ++kk) {
+          T& hv = h[i * k + kk];
+          hv = hv >= T(0) ? g[i * ns + p.cols[kk]] : T(0);  // clamp passes the gradient at 0
+        }
+      // dq̂ = Ŝ Hᵀ (C x nq), dŝ = q̂ H (C x K)
+      gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h.data(), k, T(0), dqhat.data(), nq);
+      gemm<T>(false, false, c, k, nq, T(1), qhat.data(), nq, h.data(), k, T(0), dshat.data(), k);
+      // Through the normalisations (and the mask: ds = m ds').
+      std::vector<T> dot_q(nq, T(0)), dot_s(k, T(0));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        for (int64_t i = 0; i < nq; ++i) dot_q[i] += qhat[ch * nq + i] * dqhat[ch * nq + i];
+        for (int64_t kk = 0; kk < k; ++kk) dot_s[kk] += p.shat[ch * k + kk] * dshat[ch * k + kk];
+      }
+      std::vector<T> coef_q(nq), inv_s(k), coef_s(k), m_s(k);
+      for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(dot_q[i], p.inv_q[i], eps);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const T m = mask.defined() ? mask.data_ptr<T>()[b * ns + p.cols[kk]] : T(1);
+        inv_s[kk] = p.scale[kk] / m;  // 1 / (||m s|| + eps); m != 0 for kept columns
+        coef_s[kk] = norm_back_coef(dot_s[kk], inv_s[kk], eps);
+        m_s[kk] = m;
+      }
+#pragma omp parallel for
+      for (int64_t ch = 0; ch < c; ++ch) {
+        for (int64_t i = 0; i < nq; ++i)
+          gq[ch * nq + i] = (dqhat[ch * nq + i] - qhat[ch * nq + i] * coef_q[i]) * p.inv_q[i];
+        for (int64_t kk = 0; kk < k; ++kk)
+          gs[ch * ns + p.cols[kk]] = m_s[kk] * (dshat[ch * k + kk] - p.shat[ch * k + kk] * coef_s[kk]) * inv_s[kk];
+      }
+    }
+  }
+}
+
+// Shared entry points: L layers of equal spatial sizes.
+void check_layers(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss) {
+  TORCH_CHECK(!qs.empty() && qs.size() == ss.size(), "correlation: need matching non-empty query/support lists");
+  for (size_t l = 0; l < qs.size(); ++l) {
+    check_cpu(qs[l], "query");
+    check_cpu(ss[l], "support");
+    TORCH_CHECK(qs[l].dim() == 4 && ss[l].dim() == 4, "correlation: query and support must be 4-D");
+    TORCH_CHECK(qs[l].size(0) == ss[l].size(0) && qs[l].size(1) == ss[l].size(1), "correlation: B, C mismatch");
+    TORCH_CHECK(qs[l].sizes().slice(2) == qs[0].sizes().slice(2) && ss[l].sizes().slice(2) == ss[0].sizes().slice(2) &&
+                    qs[l].size(0) == qs[0].size(0),
+                "correlation: stacked layers must share batch and spatial sizes");
+    TORCH_CHECK(qs[l].scalar_type() == qs[0].scalar_type() && ss[l].scalar_type() == qs[0].scalar_type(),
+                "correlation: one dtype for all inputs");
+  }
+}
+
+std::vector<at::Tensor> prepared_all(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(prepared(t));
+  return out;
+}
+
+at::Tensor prepared_mask(const c10::optional<at::Tensor>& mask, at::ScalarType cdt, const at::Tensor& s0) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  TORCH_CHECK(mask->dim() == 3 && mask->size(0) == s0.size(0) && mask->size(1) == s0.size(2) &&
+                  mask->size(2) == s0.size(3),
+              "correlation: support_mask must be (B, Hs, Ws) at the support size");
+  return mask->to(cdt).contiguous();
+}
+
+at::Tensor stack_forward(at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
+                         double eps) {
+  std::vector<at::Tensor> q0(query.begin(), query.end()), s0(support.begin(), support.end());
+  check_layers(q0, s0);
+  const auto dtype = q0[0].scalar_type(), cdt = compute_dtype(dtype);
+  const auto qs = prepared_all(q0), ss = prepared_all(s0);
+  const auto m = prepared_mask(mask, cdt, ss[0]);
+  auto out = at::empty({q0[0].size(0), static_cast<int64_t>(q0.size()), q0[0].size(2), q0[0].size(3),
+                        s0[0].size(2), s0[0].size(3)},
+                       q0[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "tlg_correlation_forward", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_impl<T, scalar_t>(qs, ss, m, eps, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_backward(
+    const at::Tensor& grad_out, at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
+    double eps) {
+  std::vector<at::Tensor> q0(query.begin(), query.end()), s0(support.begin(), support.end());
+  check_layers(q0, s0);
+  const auto dtype = q0[0].scalar_type(), cdt = compute_dtype(dtype);
+  const auto qs = prepared_all(q0), ss = prepared_all(s0);
+  const auto m = prepared_mask(mask, cdt, ss[0]);
+  const auto g = grad_out.to(cdt).contiguous();
+  TORCH_CHECK(g.numel() == q0[0].size(0) * static_cast<int64_t>(q0.size()) * q0[0].size(2) * q0[0].size(3) *
+                               s0[0].size(2) * s0[0].size(3),
+              "correlation backward: grad_out has the wrong size");
+  std::vector<at::Tensor> gq, gs;
+  for (size_t l = 0; l < qs.size(); ++l) {
+    gq.push_back(at::empty_like(qs[l]));
+    gs.push_back(at::empty_like(ss[l]));
+  }
+  AT_DISPATCH_FLOATING_TYPES(cdt, "tlg_correlation_backward", [&] { backward_impl<scalar_t>(g, qs, ss, m, eps, gq, gs); });
+  for (size_t l = 0; l < qs.size(); ++l) {
+    gq[l] = gq[l].to(dtype);
+    gs[l] = gs[l].to(dtype);
+  }
+  return {gq, gs};
+}
+
+at::Tensor correlation_forward(const at::Tensor& query, const at::Tensor& support,
+                               const c10::optional<at::Tensor>& mask, double eps) {
+  return stack_forward({query}, {support}, mask, eps).squeeze(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& query,
+                                                        const at::Tensor& support,
+                                                        const c10::optional<at::Tensor>& mask, double eps) {
+  auto [gq, gs] = stack_backward(grad_out, {query}, {support}, mask, eps);
+  return {gq[0], gs[0]};
+}
+
+}  // namespace
+}  // namespace tlg_cpu
+
+TORCH_LIBRARY_IMPL(tlg, CPU, m) {
+  m.impl("correlation_forward", &tlg_cpu::correlation_forward);
+  m.impl("correlation_backward", &tlg_cpu::correlation_backward);
+  m.impl("correlation_stack_forward", &tlg_cpu::stack_forward);
+  m.impl("correlation_stack_backward", &tlg_cpu::stack_backward);
+}
