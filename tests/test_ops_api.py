@@ -197,3 +197,19 @@ def test_center_pivot_module_rejects_unsupported_configs(kwargs, words):
 
 def test_package_exposes_version_and_ops():
     assert tlg.__version__ and tlg.ops.correlation is ops.correlation
+
+
+def test_python_schema_table_matches_csrc_ops_cpp():
+    """Triton registers the schemas of tlg.ops._library.SCHEMAS; the native library those of csrc/ops.cpp."""
+    import pathlib
+    import re
+
+    from tlg.ops._library import SCHEMAS
+
+    src = (pathlib.Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text()
+    native = {}
+    for call in re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', src):
+        text = "".join(re.findall(r'"([^"]*)"', call))
+        name = text[: text.index("(")]
+        native[name] = " ".join(text[len(name):].split())
+    assert native == {k: " ".join(v.split()) for k, v in SCHEMAS.items()}

@@ -12,13 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import _backends, _checks, _native, reference  # noqa: F401  (_native registers cpp/cuda)
+from . import _backends, _checks, _native, _triton, reference  # noqa: F401  (_native, _triton register backends)
 from .reference import SinkhornResult
-
-try:  # the Triton backend registers itself when tlgkernels and a runnable Triton are present
-    from . import _triton  # noqa: F401
-except ImportError:
-    pass
 
 __all__ = [
     "correlation",

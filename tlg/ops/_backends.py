@@ -76,32 +76,52 @@ class ReferenceBackend(Backend):
 
 
 class LibraryBackend(Backend):
-    """A backend whose kernels are the ``torch.ops.tlg.<prefix>*`` family of ``csrc/ops.cpp``."""
+    """A backend whose kernels are the ``torch.ops.tlg.<prefix>*`` family of ``csrc/ops.cpp``.
+
+    Whether it loads and which ops it has are computed once, when it is added, so that
+    ``torch.compile`` traces dictionary reads rather than dispatcher queries.
+    """
 
     def __init__(self, name: str, prefix: str, device_types: tuple[str, ...], dispatch_key: Optional[str],
                  loader: Callable[[], Optional[str]], levels: dict[str, str]):
         self.name, self.prefix, self.device_types = name, prefix, device_types
         self._dispatch_key, self._loader, self._levels = dispatch_key, loader, levels
+        self._load_error = loader()
+        self._status = {op: self._find(op) for op in OPS}
+        self._has_stack = self._load_error is None and self._has_kernel("correlation_stack_forward")
 
-    @functools.cache
-    def load_error(self) -> Optional[str]:
-        return self._loader()
-
-    def status(self, op):
-        if self.load_error() is not None or op not in self._levels:
-            return None
-        name = f"{self.prefix}{op}_forward"
+    def _has_kernel(self, name: str) -> bool:
+        name = self.prefix + name
         if not hasattr(torch.ops.tlg, name):
-            return None
-        if self._dispatch_key and not torch._C._dispatch_has_kernel_for_dispatch_key(f"tlg::{name}", self._dispatch_key):
+            return False
+        return not self._dispatch_key or torch._C._dispatch_has_kernel_for_dispatch_key(f"tlg::{name}", self._dispatch_key)
+
+    def _find(self, op: str) -> Optional[str]:
+        if self._load_error is not None or op not in self._levels or not self._has_kernel(f"{op}_forward"):
             return None
         return self._levels[op]
+
+    def load_error(self):
+        return self._load_error
+
+    def status(self, op):
+        return self._status.get(op)
 
     def _op(self, name):
         return getattr(torch.ops.tlg, self.prefix + name)
 
     def correlation(self, query, support, support_mask, eps):
         return self._op("correlation_forward")(query, support, support_mask, eps)
+
+    def correlation_stack(self, queries, supports, support_mask, eps):
+        """Straight into (B, L, Hq, Wq, Hs, Ws) when the library has the stacked kernel and the
+        layers agree in sizes and dtype; otherwise per layer, then stacked."""
+        q0, s0 = queries[0], supports[0]
+        uniform = all(q.shape[2:] == q0.shape[2:] and s.shape[2:] == s0.shape[2:] and q.dtype == q0.dtype
+                      for q, s in zip(queries, supports))
+        if not (self._has_stack and uniform):
+            return super().correlation_stack(queries, supports, support_mask, eps)
+        return self._op("correlation_stack_forward")(list(queries), list(supports), support_mask, eps)
 
     def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
         return self._op("cp_conv4d_forward")(x, weight_q, bias_q, weight_s, bias_s, stride)
