@@ -54,7 +54,7 @@ def episode_panel(batch: Mapping[str, Any], prediction: torch.Tensor, index: int
     tiles, labels = [], []
     for k, (img, mask) in enumerate(zip(batch["support_imgs"][index], batch["support_masks"][index])):
         tiles.append(spotlight(denormalize_image(img.cpu()), mask.float().cpu()))
-        labels.append(f"support {k + 1}")
+        labels.append(f"support {k + 1} (mask lit)")
     query = denormalize_image(batch["query_img"][index].cpu())
     if "query_mask" in batch:
         tiles.append(overlay(query, batch["query_mask"][index].cpu(), TRUTH_COLOUR))
