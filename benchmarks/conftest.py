@@ -50,6 +50,27 @@ def encoder_inputs(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> list[tor
     return [torch.rand(batch, n, h, h, h, h) for n, h in zip(layers, sizes)]
 
 
+def encoder_workload(backend: str, mode: str, batch: int, device: str = "cpu"):
+    """One HSNet encoder step as a callable: forward without grad (``mode="fwd"``) or forward +
+    backward (``"fwd+bwd"``), and its FLOPs (backward counted as 2x forward: input and weights)."""
+    torch.manual_seed(0)
+    enc = HSNetEncoder(backend=backend).to(device)
+    inputs = [x.to(device) for x in encoder_inputs(batch)]
+
+    def forward():
+        with torch.no_grad():
+            return enc(*inputs)
+
+    def forward_backward():
+        enc.zero_grad(set_to_none=True)
+        out = enc(*inputs)
+        out.square().mean().backward()
+        return out
+
+    flops = encoder_flops(batch) * (1 if mode == "fwd" else 3)
+    return (forward if mode == "fwd" else forward_backward), flops
+
+
 def encoder_flops(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> int:
     """Center-pivot conv FLOPs of one :class:`HSNetEncoder` forward (norms and resizes excluded)."""
     from tlg.ops.reference import cp_conv4d_flops
@@ -58,7 +79,7 @@ def encoder_flops(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> int:
     specs = {13: ([3, 3, 3], [2, 2, 2]), 25: ([5, 3, 3], [4, 2, 2]), 50: ([5, 5, 3], [4, 4, 2])}
     final_support = {}
     for n, h in zip(layers, sizes):
-        shape, cin = [batch, n, h, h, h, h], n
+        shape = [batch, n, h, h, h, h]
         for cout, k, s in zip((16, 64, 128), *specs[h]):
             total += cp_conv4d_flops(shape, cout, k, k, s)
             shape = [batch, cout, h, h, -(-shape[4] // s), -(-shape[5] // s)]

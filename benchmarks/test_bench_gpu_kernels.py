@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 import tlg  # noqa: E402
 from tlg.ops import reference as R  # noqa: E402
 
-from conftest import (RESNET50_LAYERS, RESNET50_STACK_IDS, HSNetEncoder, compiled_backends,  # noqa: E402
-                      encoder_flops, encoder_inputs, record)
+from conftest import (RESNET50_LAYERS, RESNET50_STACK_IDS, compiled_backends,  # noqa: E402
+                      encoder_workload, record)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -130,22 +130,9 @@ def test_correlation_13_layers(benchmark, batch, mode, impl):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_hsnet_encoder(benchmark, batch, mode, impl):
-    torch.manual_seed(0)
-    enc = HSNetEncoder(backend=impl).to(DEV)
-    inputs = [x.to(DEV) for x in encoder_inputs(batch)]
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                return enc(*inputs)
-    else:
-        def fn():
-            enc.zero_grad(set_to_none=True)
-            out = enc(*inputs)
-            out.square().mean().backward()
-            return out
+    fn, flops = encoder_workload(impl, mode, batch, device=DEV)
     out = bench(benchmark, fn, rounds=5)
     assert out.shape == (batch, 128, 50, 50)
-    flops = encoder_flops(batch) * (1 if mode == "fwd" else 3)
     record(benchmark, "gpu-4d-encoder", f"HSNet encoder {mode} b{batch}", impl, flops)
 
 

@@ -10,8 +10,7 @@ import torch
 import tlg
 from tlg.ops import reference as R
 
-from conftest import (RESNET50_LAYERS, RESNET50_STACK_IDS, HSNetEncoder, backends_for, encoder_flops,
-                      encoder_inputs, record)
+from conftest import RESNET50_LAYERS, RESNET50_STACK_IDS, backends_for, encoder_workload, record
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -51,22 +50,9 @@ def test_correlation_13_layers(benchmark, backend, masked, batch):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("batch", [1, 4], ids=["b1-quick", "b4"])
 def test_hsnet_encoder(benchmark, backend, mode, batch):
-    torch.manual_seed(0)
-    enc = HSNetEncoder(backend=backend)
-    inputs = encoder_inputs(batch)
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                return enc(*inputs)
-    else:
-        def fn():
-            enc.zero_grad(set_to_none=True)
-            out = enc(*inputs)
-            out.square().mean().backward()
-            return out
+    fn, flops = encoder_workload(backend, mode, batch)
     out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     assert out.shape == (batch, 128, 50, 50)
-    flops = encoder_flops(batch) * (1 if mode == "fwd" else 3)  # backward ~ 2x forward (input + weights)
     record(benchmark, "4d-encoder", f"HSNet encoder {mode} b{batch}", backend, flops)
 
 
