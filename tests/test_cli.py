@@ -18,12 +18,8 @@ SIZE = "48"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model runs fastest single-threaded (and the demo uses 1 thread too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models run fastest single-threaded (the demo uses 1 thread too)."""
 
 
 def test_demo_smoke(tmp_path, capsys):

@@ -16,12 +16,8 @@ from tlg.engine import (FewShotMeter, TrainConfig, Trainer, evaluate, intersecti
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models run fastest single-threaded (the demo uses 1 thread too)."""
 
 
 class TinySegmenter(nn.Module):

@@ -94,13 +94,7 @@ def _ensemble(vectors: torch.Tensor) -> torch.Tensor:
 
 def class_embeddings(clip: ClipModel, class_names: list[str], *, parts: bool = True, cache_dir=None) -> torch.Tensor:
     """(C, D) one prompt-ensembled embedding per class name: normalised mean over templates x names (+ parts)."""
-    groups = [foreground_texts(name, parts=parts) for name in class_names]
-    flat = encode_texts(clip, [t for g in groups for t in g], cache_dir=cache_dir)
-    out, start = [], 0
-    for g in groups:
-        out.append(_ensemble(flat[start:start + len(g)]))
-        start += len(g)
-    return torch.stack(out)
+    return _embed_groups(clip, [foreground_texts(name, parts=parts) for name in class_names], cache_dir)
 
 
 def background_embeddings(clip: ClipModel, class_name: str | None = None, *, generic: bool = True,
@@ -114,6 +108,11 @@ def background_embeddings(clip: ClipModel, class_name: str | None = None, *, gen
         groups.append([without_text(class_name)])
     if not groups:
         return torch.empty(0, clip.model.visual.output_dim)
+    return _embed_groups(clip, groups, cache_dir)
+
+
+def _embed_groups(clip: ClipModel, groups: list[list[str]], cache_dir) -> torch.Tensor:
+    """(len(groups), D): every prompt encoded in one batch, then ensembled per group."""
     flat = encode_texts(clip, [t for g in groups for t in g], cache_dir=cache_dir)
     out, start = [], 0
     for g in groups:
