@@ -146,10 +146,11 @@ def all_backends() -> dict[str, Backend]:
 
 
 @functools.cache
-def _warn_fallback(device_type: str, op: str, reasons: str) -> None:
+def _warn_fallback(reason: str) -> None:
+    """Once per process: the compiled CPU kernels are missing, so every op runs on the reference."""
     warnings.warn(
-        f"tlg: no compiled kernel for {op} on {device_type} ({reasons}); using the pure-PyTorch reference. "
-        "See tlg.ops.backend_info().",
+        f"tlg: the compiled CPU kernels are not available ({reason}); all ops run on the pure-PyTorch "
+        "reference. See tlg.ops.backend_info().",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -177,7 +178,7 @@ def select(op: str, backend: str, device: torch.device) -> Backend:
             cpp = _REGISTRY.get("cpp")
             reason = cpp.load_error() if cpp is not None else "not registered"
             if reason:  # the extension is missing: say so once; a missing single kernel is silent
-                _warn_fallback(device.type, op, reason)
+                _warn_fallback(reason)
         return _REGISTRY[name]
     chosen = _REGISTRY.get(backend)
     if chosen is None or not chosen.supports(op, device.type):

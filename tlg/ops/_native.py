@@ -6,6 +6,7 @@ shared autograd and fake registrations (:mod:`tlg.ops._library`) and the two bac
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Optional
 
 from . import _backends, _library
@@ -19,7 +20,7 @@ CUDA_LEVELS = {"correlation": "emulation-verified", "cp_conv4d": "emulation-veri
 def load_error() -> Optional[str]:
     """None when ``tlg._C`` imported and registered its ops, else the reason."""
     try:
-        from tlg import _C  # noqa: F401
+        importlib.import_module("tlg._C")
     except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
         return f"tlg._C not available ({type(exc).__name__}: {exc}); reinstall with `pip install --no-build-isolation -e .`"
     _library.register("")
