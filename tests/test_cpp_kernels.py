@@ -94,6 +94,8 @@ def test_multilayer_correlation_stack(masked):
     (5, 5, 4, (4, 5, 25, 11)),   # large support grids take the dense path (one GEMM over all p)
     (3, 3, 1, (5, 4, 9, 8)),
     (3, 3, 2, (3, 3, 1, 3)),
+    (3, 3, 2, (4, 3, 3, 3)),     # small grid with stride: one support GEMM over (o, p) x (c, s), zeros in it
+    (3, 5, 1, (3, 3, 2, 30)),    # wide, flat grid: per-position support GEMMs
 ])
 def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
     b, cin, cout = 2, 3, 4
@@ -110,6 +112,19 @@ def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
     torch.testing.assert_close(out, ref, **tol)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("kq,ks,stride,sizes", [(5, 5, 4, (6, 7, 13, 11)), (3, 3, 2, (5, 4, 7, 7))])
+def test_cp_conv4d_sixteen_outputs(kq, ks, stride, sizes):
+    """Cout = 16 in float32 takes the register-blocked main GEMM (where AVX-512 is available), with
+    column counts that are not multiples of 16."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, *sizes, generator=g)
+    wq, ws = torch.randn(16, 3, kq, kq, generator=g), torch.randn(16, 3, ks, ks, generator=g)
+    bq, bs = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    out = ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend="cpp")
+    ref = R.cp_conv4d(x.double(), wq.double(), bq.double(), ws.double(), bs.double(), stride).float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_cp_conv4d_partial_grads_and_no_bias():

@@ -18,6 +18,8 @@
 
 #include "common.h"
 
+#include <immintrin.h>
+
 #include <map>
 #include <tuple>
 #include <vector>
@@ -32,7 +34,9 @@ struct Geometry {
   std::vector<int> pack_of;              // p -> index of its tap set
   std::vector<std::vector<int>> taps;    // tap set -> support taps t = dy ks + dx inside the grid
   std::vector<std::vector<int64_t>> src; // p -> support index read by each tap of its set
+  std::vector<int> sidx;  // (t, p) -> support index read by tap t at p, S in the padding
   bool dense;             // few support taps read padding: they join the main GEMM (else per-p GEMMs)
+  bool small_s;           // not dense, small support grid: one GEMM over (o, p) x (c, s) for the support part
   int64_t chunk, nchunks;  // query positions per task
 
   Geometry(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t s) : stride(s) {
@@ -66,32 +70,70 @@ struct Geometry {
     int64_t valid = 0;
     for (int64_t p = 0; p < Sp; ++p) valid += taps[pack_of[p]].size();
     dense = 2 * valid >= Sp * ks * ks;  // at most half of the support taps read padding
+    // Per-position support GEMMs merged into one whose weights are zero where s is no tap source of p;
+    // worth it while at most 2/3 of that GEMM's products are such zeros (HSNet's 2x2 grids: none).
+    small_s = !dense && S * Sp <= 3 * valid;
+    sidx.assign(ks * ks * Sp, 0);
+    for (int64_t t = 0; t < ks * ks; ++t)
+      for (int64_t py = 0; py < hp; ++py)
+        for (int64_t px = 0; px < wp; ++px) {
+          const int64_t sy = py * s + t / ks - rs, sx = px * s + t % ks - rs;
+          sidx[t * Sp + py * wp + px] = (sy >= 0 && sy < hb && sx >= 0 && sx < wb) ? static_cast<int>(sy * wb + sx)
+                                                                                : static_cast<int>(S);
+        }
     // Query chunk: the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache.
     const int64_t k_main = cin * (kq2 + (dense ? ks * ks : 0));
     chunk = std::min(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main * Sp, 1)));
     nchunks = (P + chunk - 1) / chunk;
+    // Few tasks: as many per thread, of equal sizes.
+    const int64_t nthr = num_threads();
+    if (nb * nchunks < 8 * nthr && (nb * nchunks) % nthr) {
+      const int64_t total = (nb * nchunks + nthr - 1) / nthr * nthr;
+      chunk = std::max<int64_t>(1, (P + (total + nb - 1) / nb - 1) / ((total + nb - 1) / nb));
+      nchunks = (P + chunk - 1) / chunk;
+    }
   }
   int64_t nt(int64_t p) const { return taps[pack_of[p]].size(); }
 };
 
-// ---- operands of one query chunk [a0, a0 + na); columns (i, p) in y's own order, N = na Sp ----
-// Query taps: col[(c, t), (i, p)] = x[c, a0 + i + d_t, s_p] (0 in the query padding); each row segment
-// copies from one contiguous x[c, a, :] row.
+// Per-thread scratch kept across calls: a task's buffers (MiBs) cost no page faults or zero fills after
+// the first call. grow() never shrinks, so a later larger request zero-fills only the new tail.
+template <typename T, int Slot>
+std::vector<T>& scratch() {
+  static thread_local std::vector<T> buf;
+  return buf;
+}
 template <typename T>
-void query_cols(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* col) {
+inline void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+// ---- operands of one query chunk [a0, a0 + na); columns (i, p) in y's own order, N = na Sp ----
+// Query taps: col[(c, t), (i, p)] = xp[c, a0 + i + d_t, p] (0 in the query padding), xp the pruned x
+// (Cin, P, Sp); each row segment copies one contiguous xp[c, a, :] row.
+// Also the query part of dx, from dy (Cout, P, Sp): channels = Cout.
+template <typename T>
+void query_cols(const Geometry& g, const T* xpb, int64_t a0, int64_t na, T* col, int64_t channels = -1) {
   const int64_t n = na * g.Sp, rq = g.kq / 2;
-  for (int64_t c = 0; c < g.cin; ++c)
+  if (channels < 0) channels = g.cin;
+  for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < g.kq2; ++t) {
       const int64_t dy = t / g.kq - rq, dx = t % g.kq - rq;
-      for (int64_t i = 0; i < na; ++i) {
-        T* out = col + (c * g.kq2 + t) * n + i * g.Sp;
-        const int64_t qy = g.ay[a0 + i] + dy, qx = g.ax[a0 + i] + dx;
-        if (qy < 0 || qy >= g.ha || qx < 0 || qx >= g.wa) {
-          std::fill(out, out + g.Sp, T(0));
+      T* out = col + (c * g.kq2 + t) * n;
+      // One query row at a time: its positions x0..x1-1 read one contiguous run of xp.
+      for (int64_t i = 0; i < na;) {
+        const int64_t r = g.ay[a0 + i], x0 = g.ax[a0 + i], x1 = std::min(g.wa, x0 + na - i), qy = r + dy;
+        const int64_t v0 = std::max(x0, -dx), v1 = std::min(x1, g.wa - dx);  // qx = x + dx inside
+        T* o = out + i * g.Sp;
+        if (qy < 0 || qy >= g.ha || v0 >= v1) {
+          std::fill(o, o + (x1 - x0) * g.Sp, T(0));
         } else {
-          const T* in = xb + c * g.P * g.S + (qy * g.wa + qx) * g.S;
-          for (int64_t p = 0; p < g.Sp; ++p) out[p] = in[g.kept[p]];
+          std::fill(o, o + (v0 - x0) * g.Sp, T(0));
+          const T* in = xpb + (c * g.P + qy * g.wa + v0 + dx) * g.Sp;
+          std::copy(in, in + (v1 - v0) * g.Sp, o + (v0 - x0) * g.Sp);
+          std::fill(o + (v1 - x0) * g.Sp, o + (x1 - x0) * g.Sp, T(0));
         }
+        i += x1 - x0;
       }
     }
 }
@@ -99,22 +141,60 @@ void query_cols(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* col) 
 // All support taps (dense path): col[(c, t), (i, p)] = x[c, a0 + i, src_p(t)], 0 where t reads padding.
 template <typename T>
 void support_cols(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* col) {
-  const int64_t n = na * g.Sp, rs = g.ks / 2, ks2 = g.ks * g.ks;
+  const int64_t n = na * g.Sp, ks2 = g.ks * g.ks;
+  std::vector<T> row(g.S + 1);  // x row and a zero, read by the padding taps (index S)
+  row[g.S] = T(0);
   for (int64_t c = 0; c < g.cin; ++c)
-    for (int64_t t = 0; t < ks2; ++t) {
-      const int64_t dy = t / g.ks - rs, dx = t % g.ks - rs;
-      for (int64_t i = 0; i < na; ++i) {
+    for (int64_t i = 0; i < na; ++i) {  // all taps of one x row while it is in L1
+      const T* in = xb + c * g.P * g.S + (a0 + i) * g.S;
+      std::copy(in, in + g.S, row.begin());
+      for (int64_t t = 0; t < ks2; ++t) {
         T* out = col + (c * ks2 + t) * n + i * g.Sp;
-        const T* in = xb + c * g.P * g.S + (a0 + i) * g.S;
-        for (int64_t py = 0; py < g.hp; ++py) {
-          const int64_t sy = py * g.stride + dy;
-          for (int64_t px = 0; px < g.wp; ++px) {
-            const int64_t sx = px * g.stride + dx;
-            out[py * g.wp + px] = (sy >= 0 && sy < g.hb && sx >= 0 && sx < g.wb) ? in[sy * g.wb + sx] : T(0);
-          }
-        }
+        const int* idx = g.sidx.data() + t * g.Sp;
+        for (int64_t p = 0; p < g.Sp; ++p) out[p] = row[idx[p]];
       }
     }
+}
+
+// Small support grids: xs[(c, s), i] = x[c, a0 + i, s].
+template <typename T>
+void support_rows(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* xs) {
+  for (int64_t c = 0; c < g.cin; ++c) {
+    const T* in = xb + c * g.P * g.S + a0 * g.S;
+    for (int64_t i = 0; i < na; ++i)
+      for (int64_t s = 0; s < g.S; ++s) xs[(c * g.S + s) * na + i] = in[i * g.S + s];
+  }
+}
+
+// Small support grids: wbig[(o, p), (c, s)] = Ws[o, c, t] where tap t of p reads s, else 0.
+template <typename T>
+std::vector<T> big_weights(const Geometry& g, const T* ws) {
+  const int64_t ks2 = g.ks * g.ks, kb = g.cin * g.S;
+  std::vector<T> w(g.cout * g.Sp * kb, T(0));
+  for (int64_t o = 0; o < g.cout; ++o)
+    for (int64_t p = 0; p < g.Sp; ++p)
+      for (int64_t t = 0; t < ks2; ++t) {
+        const int src = g.sidx[t * g.Sp + p];
+        if (src == g.S) continue;
+        for (int64_t c = 0; c < g.cin; ++c) w[(o * g.Sp + p) * kb + c * g.S + src] = ws[(o * g.cin + c) * ks2 + t];
+      }
+  return w;
+}
+
+// Pruned x (nb, Cin, P, Sp): xp[.., a, p] = x[.., a, s_p]; x itself when nothing is pruned.
+template <typename T>
+const T* pruned_x(const Geometry& g, const T* x, std::vector<T>& buf) {
+  if (g.Sp == g.S) return x;  // stride 1 (or a 1x1 grid): s_p = p
+  const int64_t rows = g.nb * g.cin * g.P;
+  buf.resize(rows * g.Sp);
+  T* xp = buf.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = x + r * g.S;
+    T* out = xp + r * g.Sp;
+    for (int64_t p = 0; p < g.Sp; ++p) out[p] = in[g.kept[p]];
+  }
+  return xp;
 }
 
 // The valid support taps of one p (per-position path): col[(c, ti), i] = x[c, a0 + i, src_p(ti)].
@@ -128,6 +208,36 @@ void support_cols_at(const Geometry& g, const T* xb, int64_t p, int64_t a0, int6
       T* out = col + (c * nt + ti) * na;
       for (int64_t i = 0; i < na; ++i) out[i] = in[i * g.S];
     }
+}
+
+// Cout = 16 (the first layer of each HSNet stack; K = 2 Cin k² is small): C (16 x n, row stride ldc) =
+// Wt' (K x 16, the weights transposed) B (K x n) + bias, one 16-column block at a time with its 16 rows
+// in registers: per k one load of B and 16 FMAs with broadcast weights. MKL's kernels do poorly with
+// 16 rows. AVX-512 only, chosen at run time.
+__attribute__((target("avx512f"))) void gemm16_avx512(int64_t n, int64_t k, const float* wt, const float* b,
+                                                        const float* bias, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    __m512 acc[16];
+    for (int o = 0; o < 16; ++o) acc[o] = _mm512_set1_ps(bias[o]);
+    const float* bp = b + j;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const __m512 v = _mm512_maskz_loadu_ps(mask, bp + kk * n);
+      const float* w = wt + kk * 16;
+      for (int o = 0; o < 16; ++o) acc[o] = _mm512_fmadd_ps(_mm512_set1_ps(w[o]), v, acc[o]);
+    }
+    for (int o = 0; o < 16; ++o) _mm512_mask_storeu_ps(c + o * ldc + j, mask, acc[o]);
+  }
+}
+
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+template <typename T>
+bool use_gemm16(const Geometry& g) {
+  return std::is_same<T, float>::value && g.cout == 16 && has_avx512();
 }
 
 // The main GEMM's weights: Wq (per-position path) or [Wq | Ws] (dense path), Cout x K_main.
@@ -159,8 +269,8 @@ std::vector<std::vector<T>> tap_weights(const Geometry& g, const T* ws) {
 }
 
 template <typename T>
-void main_cols(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* col) {
-  query_cols(g, xb, a0, na, col);
+void main_cols(const Geometry& g, const T* xb, const T* xpb, int64_t a0, int64_t na, T* col) {
+  query_cols(g, xpb, a0, na, col);
   if (g.dense) support_cols(g, xb, a0, na, col + g.cin * g.kq2 * na * g.Sp);
 }
 
@@ -168,27 +278,51 @@ void main_cols(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* col) {
 template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* bias, T* y) {
   const auto w = main_weights(g, wq, ws);
-  const auto packs = g.dense ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const int64_t k = g.cin * (g.kq2 + (g.dense ? g.ks * g.ks : 0)), ldy = g.P * g.Sp;
+  const bool g16 = use_gemm16<T>(g);
+  std::vector<T> wt(g16 ? k * 16 : 0);  // W_main transposed, K x 16
+  if (g16)
+    for (int64_t o = 0; o < 16; ++o)
+      for (int64_t kk = 0; kk < k; ++kk) wt[kk * 16 + o] = w[o * k + kk];
+  std::vector<T> xp_buf;
+  const T* xp = pruned_x(g, x, xp_buf);
 #pragma omp parallel
   {
-    std::vector<T> col, cs, tmp;
+    auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.nb * g.nchunks; ++task) {
       const int64_t b = task / g.nchunks, a0 = (task % g.nchunks) * g.chunk, na = std::min(g.chunk, g.P - a0);
       const int64_t n = na * g.Sp;
       const T* xb = x + b * g.cin * g.P * g.S;
       T* yc = y + b * g.cout * ldy + a0 * g.Sp;
-      col.resize(k * n);
-      main_cols(g, xb, a0, na, col.data());
-      gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
-      for (int64_t o = 0; o < g.cout; ++o)
-        for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
+      grow(col, k * n);
+      main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data());
+      if (g16) {
+        gemm16_avx512(n, k, reinterpret_cast<const float*>(wt.data()), reinterpret_cast<const float*>(col.data()),
+                      reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(yc), ldy);
+      } else {
+        gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
+      }
       if (g.dense) continue;
-      tmp.resize(g.cout * na);
+      if (g.small_s) {  // tmp[(o, p), i] = wbig xs, added to y[o, a0 + i, p]
+        const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
+        grow(cs, kb * na);
+        grow(tmp, mb * na);
+        support_rows(g, xb, a0, na, cs.data());
+        gemm<T>(false, false, mb, na, kb, T(1), wbig.data(), kb, cs.data(), na, T(0), tmp.data(), na);
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t i = 0; i < na; ++i)
+            for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
+        continue;
+      }
+      grow(tmp, g.cout * na);
       for (int64_t p = 0; p < g.Sp; ++p) {
         const int64_t kp = g.cin * g.nt(p);
-        cs.resize(kp * na);
+        grow(cs, kp * na);
         support_cols_at(g, xb, p, a0, na, cs.data());
         gemm<T>(false, false, g.cout, na, kp, T(1), packs[g.pack_of[p]].data(), kp, cs.data(), na, T(0), tmp.data(), na);
         for (int64_t o = 0; o < g.cout; ++o)
@@ -206,9 +340,13 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
 template <typename T>
 void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws) {
   const auto w = main_weights(g, wq, ws);
-  const auto packs = g.dense ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const int64_t qc = g.cin * g.kq2, ks2 = g.ks * g.ks, k = qc + (g.dense ? g.cin * ks2 : 0), ldy = g.P * g.Sp;
-  const int64_t rq = g.kq / 2, rs = g.ks / 2, npk = packs.size();
+  const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
+  std::vector<T> xp_buf;
+  const T* xp = dwq ? pruned_x(g, x, xp_buf) : nullptr;
+  const int64_t npk = packs.size();
   std::vector<T> wf(g.cin * g.cout * g.kq2);  // wf[c, (o, u)] = Wq[o, c, kq²-1-u]
   for (int64_t c = 0; c < g.cin; ++c)
     for (int64_t o = 0; o < g.cout; ++o)
@@ -216,14 +354,19 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const int nthr = num_threads();
   std::vector<std::vector<T>> dw_thr(nthr);                // per thread: Cout x K_main
   std::vector<std::vector<std::vector<T>>> dwp_thr(nthr);  // per thread, per tap set: Cout x Cin |T|
+  std::vector<std::vector<T>> dwb_thr(nthr);               // per thread (small grids): mb x kb
   if (dwq)
     for (int i = 0; i < nthr; ++i) {
       dw_thr[i].assign(g.cout * k, T(0));
+      if (g.small_s) dwb_thr[i].assign(mb * kb, T(0));
       for (int64_t pk = 0; pk < npk; ++pk) dwp_thr[i].emplace_back(packs[pk].size(), T(0));
     }
 #pragma omp parallel num_threads(nthr)
   {
-    std::vector<T> col, cs, dyp, dcol, dcolq, dxq;
+    auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>(), &dyp = scratch<T, 3>(),
+         &dcol = scratch<T, 4>(), &dcolq = scratch<T, 5>(), &dxq = scratch<T, 6>();
+    std::vector<T> acc;
+    (void)tmp;
     const int tid = thread_id();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.nb * g.nchunks; ++task) {
@@ -234,43 +377,59 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       const T* dyc = dyb + a0 * g.Sp;  // Cout x n, row stride ldy
       T* dxb = dx ? dx + b * g.cin * g.P * g.S : nullptr;
       if (dwq) {
-        col.resize(k * n);
-        main_cols(g, xb, a0, na, col.data());
+        grow(col, k * n);
+        main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data());
         gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw_thr[tid].data(), k);
       }
       if (g.dense && dx) {  // support part, all taps
-        dcol.resize(g.cin * ks2 * n);
+        grow(dcol, g.cin * ks2 * n);
         gemm<T>(true, false, g.cin * ks2, n, g.cout, T(1), w.data() + qc, k, dyc, ldy, T(0), dcol.data(), n);
+        acc.resize(g.S + 1);  // one dx row and a sink for the padding taps (index S)
         for (int64_t c = 0; c < g.cin; ++c)
-          for (int64_t t = 0; t < ks2; ++t) {
-            const int64_t dy_ = t / g.ks - rs, dx_ = t % g.ks - rs;
-            for (int64_t i = 0; i < na; ++i) {
+          for (int64_t i = 0; i < na; ++i) {
+            std::fill(acc.begin(), acc.end(), T(0));
+            for (int64_t t = 0; t < ks2; ++t) {
               const T* in = dcol.data() + (c * ks2 + t) * n + i * g.Sp;
-              T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
-              for (int64_t py = 0; py < g.hp; ++py) {
-                const int64_t sy = py * g.stride + dy_;
-                if (sy < 0 || sy >= g.hb) continue;
-                for (int64_t px = 0; px < g.wp; ++px) {
-                  const int64_t sx = px * g.stride + dx_;
-                  if (sx >= 0 && sx < g.wb) out[sy * g.wb + sx] += in[py * g.wp + px];
-                }
-              }
+              const int* idx = g.sidx.data() + t * g.Sp;
+              for (int64_t p = 0; p < g.Sp; ++p) acc[idx[p]] += in[p];
             }
+            T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
+            for (int64_t s = 0; s < g.S; ++s) out[s] += acc[s];
           }
       }
-      if (!g.dense) {  // support part, per p with its valid taps
-        dyp.resize(g.cout * na);
+      if (g.small_s) {  // support part, one GEMM over (o, p) x (c, s)
+        grow(dyp, mb * na);
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t i = 0; i < na; ++i)
+            for (int64_t p = 0; p < g.Sp; ++p) dyp[(o * g.Sp + p) * na + i] = dyc[o * ldy + i * g.Sp + p];
+        if (dwq) {
+          grow(cs, kb * na);
+          support_rows(g, xb, a0, na, cs.data());
+          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), dwb_thr[tid].data(), kb);
+        }
+        if (dx) {
+          grow(dcol, kb * na);
+          gemm<T>(true, false, kb, na, mb, T(1), wbig.data(), kb, dyp.data(), na, T(0), dcol.data(), na);
+          for (int64_t c = 0; c < g.cin; ++c) {
+            T* out = dxb + c * g.P * g.S + a0 * g.S;
+            for (int64_t i = 0; i < na; ++i)
+              for (int64_t s = 0; s < g.S; ++s) out[i * g.S + s] += dcol[(c * g.S + s) * na + i];
+          }
+        }
+      }
+      if (!g.dense && !g.small_s) {  // support part, per p with its valid taps
+        grow(dyp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t nt = g.nt(p), kp = g.cin * nt, pk = g.pack_of[p];
           for (int64_t o = 0; o < g.cout; ++o)
             for (int64_t i = 0; i < na; ++i) dyp[o * na + i] = dyc[o * ldy + i * g.Sp + p];
           if (dwq) {
-            cs.resize(kp * na);
+            grow(cs, kp * na);
             support_cols_at(g, xb, p, a0, na, cs.data());
             gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), dwp_thr[tid][pk].data(), kp);
           }
           if (dx) {
-            dcol.resize(kp * na);
+            grow(dcol, kp * na);
             gemm<T>(true, false, kp, na, g.cout, T(1), packs[pk].data(), kp, dyp.data(), na, T(0), dcol.data(), na);
             const auto& src = g.src[p];
             for (int64_t c = 0; c < g.cin; ++c)
@@ -283,22 +442,9 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         }
       }
       if (dx) {  // query part: dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
-        dcolq.resize(g.cout * g.kq2 * n);
-        for (int64_t o = 0; o < g.cout; ++o)
-          for (int64_t u = 0; u < g.kq2; ++u) {
-            const int64_t dy_ = u / g.kq - rq, dx_ = u % g.kq - rq;
-            for (int64_t i = 0; i < na; ++i) {
-              T* out = dcolq.data() + (o * g.kq2 + u) * n + i * g.Sp;
-              const int64_t qy = g.ay[a0 + i] + dy_, qx = g.ax[a0 + i] + dx_;
-              if (qy < 0 || qy >= g.ha || qx < 0 || qx >= g.wa) {
-                std::fill(out, out + g.Sp, T(0));
-              } else {
-                const T* in = dyb + o * ldy + (qy * g.wa + qx) * g.Sp;
-                std::copy(in, in + g.Sp, out);
-              }
-            }
-          }
-        dxq.resize(g.cin * n);
+        grow(dcolq, g.cout * g.kq2 * n);
+        query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
+        grow(dxq, g.cin * n);
         gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
                 dxq.data(), n);
         for (int64_t c = 0; c < g.cin; ++c)
@@ -320,6 +466,15 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         if (g.dense)
           for (int64_t j = 0; j < g.cin * ks2; ++j) dws[o * g.cin * ks2 + j] += main[o * k + qc + j];
       }
+      if (g.small_s)
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t p = 0; p < g.Sp; ++p)
+            for (int64_t t = 0; t < ks2; ++t) {
+              const int src = g.sidx[t * g.Sp + p];
+              if (src == g.S) continue;
+              for (int64_t c = 0; c < g.cin; ++c)
+                dws[(o * g.cin + c) * ks2 + t] += dwb_thr[i][(o * g.Sp + p) * kb + c * g.S + src];
+            }
       for (int64_t pk = 0; pk < npk; ++pk) {
         const auto& taps = g.taps[pk];
         const int64_t nt = taps.size();

@@ -107,7 +107,43 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void plan_rows_f32(
   plan_rows_impl(l, fh, gh, n, m, plan, [](float x) __attribute__((always_inline)) { return exp_f32(x); });
 }
 
+// out_i = Σ_j v_j mt[j, i] for i < n_out (mt: n_in x n_out, row stride ld): axpy over rows, vectorised over i.
+// Blocks of B outputs accumulate in registers over all j. n_out: a multiple of 16.
+template <typename T, int B>
+__attribute__((always_inline)) inline void matvec_block(const T* mt, int64_t ld, const T* v, int64_t n_in, T* out) {
+  T acc[B];
+  for (int l = 0; l < B; ++l) acc[l] = T(0);
+  for (int64_t j = 0; j < n_in; ++j) {
+    const T vj = v[j];
+    const T* row = mt + j * ld;
+#pragma omp simd
+    for (int l = 0; l < B; ++l) acc[l] += vj * row[l];
+  }
+  for (int l = 0; l < B; ++l) out[l] = acc[l];
+}
+template <typename T>
+__attribute__((always_inline)) inline void matvec_cols_impl(const T* mt, int64_t ld, const T* v, int64_t n_in,
+                                                            int64_t n_out, T* out) {
+  int64_t i = 0;
+  for (; i + 64 <= n_out; i += 64) matvec_block<T, 64>(mt + i, ld, v, n_in, out + i);
+  for (; i + 16 <= n_out; i += 16) matvec_block<T, 16>(mt + i, ld, v, n_in, out + i);
+  for (; i < n_out; ++i) matvec_block<T, 1>(mt + i, ld, v, n_in, out + i);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void matvec_cols_f32(const float* mt, int64_t ld,
+                                                                                  const float* v, int64_t n_in,
+                                                                                  int64_t n_out, float* out) {
+  matvec_cols_impl(mt, ld, v, n_in, n_out, out);
+}
+
 namespace {
+
+void matvec_cols(const float* mt, int64_t ld, const float* v, int64_t n_in, int64_t n_out, float* out) {
+  matvec_cols_f32(mt, ld, v, n_in, n_out, out);
+}
+void matvec_cols(const double* mt, int64_t ld, const double* v, int64_t n_in, int64_t n_out, double* out) {
+  matvec_cols_impl(mt, ld, v, n_in, n_out, out);
+}
 
 void lse_cols(const float* lt, int64_t ld, const float* v, int64_t n_in, int64_t n_out, float* out, float* sum) {
   lse_cols_f32(lt, ld, v, n_in, n_out, out, sum);
@@ -156,9 +192,69 @@ void half_step(const T* lt, const T* logw, const T* v, int64_t n, int64_t m, T* 
     out[i] = logw[i] == -std::numeric_limits<T>::infinity() ? logw[i] : logw[i] - lse[i];
 }
 
+// The same iterations in the scaling form, for problems whose log-kernel L = -C/eps spans a small range R:
+// with K = exp(L - max L) (entries in [e^-R, 1], no under/overflow), u = exp(f̂ + max L), v = exp(ĝ):
+//   u = a / (K v),  v = b / (Kᵀ u),  P = diag(u) K diag(v),  row sums r = u ∘ (K v),
+// the same iterates as the log-domain updates, with no exp per element and iteration. Returns false
+// (nothing written) when R is too large for T; the caller then runs the log-domain loop.
+template <typename T>
+bool solve_scaling(const T* cost, const T* a, const T* b, int64_t n, int64_t m, double eps, int64_t max_iter,
+                   double tol, int64_t check_every, T* plan, T* f, T* g, int64_t* n_iter, bool* converged) {
+  constexpr double kMaxRange = sizeof(T) == 4 ? 30.0 : 200.0;
+  const T inv_eps = T(1) / T(eps);
+  T cmin = cost[0], cmax = cost[0];
+#pragma omp simd reduction(min : cmin) reduction(max : cmax)
+  for (int64_t k = 0; k < n * m; ++k) {
+    cmin = cost[k] < cmin ? cost[k] : cmin;
+    cmax = cost[k] > cmax ? cost[k] : cmax;
+  }
+  const double lmax = -double(cmin) * inv_eps, range = (double(cmax) - double(cmin)) * inv_eps;
+  if (!(range <= kMaxRange)) return false;
+  const int64_t np = padded(n), mp = padded(m);
+  std::vector<T> k(n * mp, T(0)), kt(m * np, T(0)), u(np, T(0)), v(mp, T(1)), kv(np), ktu(mp), zero(mp, T(0));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) k[i * mp + j] = (cmin - cost[i * m + j]) * inv_eps;  // L - max L <= 0
+  const T zf = T(0);
+  for (int64_t i = 0; i < n; ++i) plan_rows(k.data() + i * mp, &zf, zero.data(), 1, m, k.data() + i * mp);  // exp
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) kt[j * np + i] = k[i * mp + j];
+  for (int64_t j = m; j < mp; ++j) v[j] = T(0);
+  int64_t it = 0;
+  bool conv = false;
+  while (it < max_iter && !conv) {
+    ++it;
+    matvec_cols(kt.data(), np, v.data(), m, np, kv.data());  // K v
+    for (int64_t i = 0; i < n; ++i) u[i] = a[i] / kv[i];
+    matvec_cols(k.data(), mp, u.data(), n, mp, ktu.data());  // Kᵀ u
+    for (int64_t j = 0; j < m; ++j) v[j] = b[j] / ktu[j];
+    if (it % check_every == 0 || it == max_iter) {
+      matvec_cols(kt.data(), np, v.data(), m, np, kv.data());
+      T err2 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const T r = u[i] * kv[i];
+        err2 += (r - a[i]) * (r - a[i]);
+      }
+      conv = std::sqrt(err2) <= T(tol);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T ui = u[i];
+    const T* kr = k.data() + i * mp;
+    T* pr = plan + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) pr[j] = ui * kr[j] * v[j];
+  }
+  for (int64_t i = 0; i < n; ++i) f[i] = T(eps) * (std::log(u[i]) - T(lmax));
+  for (int64_t j = 0; j < m; ++j) g[j] = T(eps) * std::log(v[j]);
+  *n_iter = it;
+  *converged = conv;
+  return true;
+}
+
 template <typename T>
 void solve_one(const T* cost, const T* a, const T* b, int64_t n, int64_t m, double eps, int64_t max_iter, double tol,
                int64_t check_every, T* plan, T* f, T* g, int64_t* n_iter, bool* converged, bool par) {
+  if (!par && solve_scaling(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged)) return;
   // lk = L (n x padded(m)) and lkt = Lᵀ (m x padded(n)); padding lanes hold 0 and are never read back.
   const int64_t np = padded(n), mp = padded(m);
   std::vector<T> lk(n * mp, T(0)), lkt(m * np, T(0)), la(n), lb(m), fh(n, T(0)), gh(m, T(0)),
