@@ -229,19 +229,33 @@ at::Tensor prepared_mask(const c10::optional<at::Tensor>& mask, at::ScalarType c
   return mask->to(cdt).contiguous();
 }
 
+// The inputs of a stacked call, checked and made contiguous in the compute dtype.
+struct StackInputs {
+  at::ScalarType dtype, cdt;
+  std::vector<at::Tensor> qs, ss;
+  at::Tensor mask;
+  std::vector<int64_t> out_sizes;  // (B, L, Hq, Wq, Hs, Ws)
+
+  StackInputs(at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& m) {
+    std::vector<at::Tensor> q0(query.begin(), query.end()), s0(support.begin(), support.end());
+    check_layers(q0, s0);
+    dtype = q0[0].scalar_type();
+    cdt = compute_dtype(dtype);
+    qs = prepared_all(q0);
+    ss = prepared_all(s0);
+    mask = prepared_mask(m, cdt, ss[0]);
+    out_sizes = {q0[0].size(0), static_cast<int64_t>(q0.size()), q0[0].size(2), q0[0].size(3), s0[0].size(2),
+                 s0[0].size(3)};
+  }
+};
+
 at::Tensor stack_forward(at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
                          double eps) {
-  std::vector<at::Tensor> q0(query.begin(), query.end()), s0(support.begin(), support.end());
-  check_layers(q0, s0);
-  const auto dtype = q0[0].scalar_type(), cdt = compute_dtype(dtype);
-  const auto qs = prepared_all(q0), ss = prepared_all(s0);
-  const auto m = prepared_mask(mask, cdt, ss[0]);
-  auto out = at::empty({q0[0].size(0), static_cast<int64_t>(q0.size()), q0[0].size(2), q0[0].size(3),
-                        s0[0].size(2), s0[0].size(3)},
-                       q0[0].options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "tlg_correlation_forward", [&] {
+  const StackInputs in(query, support, mask);
+  auto out = at::empty(in.out_sizes, query[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dtype, "tlg_correlation_forward", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_impl<T, scalar_t>(qs, ss, m, eps, out.data_ptr<scalar_t>());
+    forward_impl<T, scalar_t>(in.qs, in.ss, in.mask, eps, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -249,24 +263,20 @@ at::Tensor stack_forward(at::TensorList query, at::TensorList support, const c10
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_backward(
     const at::Tensor& grad_out, at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
     double eps) {
-  std::vector<at::Tensor> q0(query.begin(), query.end()), s0(support.begin(), support.end());
-  check_layers(q0, s0);
-  const auto dtype = q0[0].scalar_type(), cdt = compute_dtype(dtype);
-  const auto qs = prepared_all(q0), ss = prepared_all(s0);
-  const auto m = prepared_mask(mask, cdt, ss[0]);
-  const auto g = grad_out.to(cdt).contiguous();
-  TORCH_CHECK(g.numel() == q0[0].size(0) * static_cast<int64_t>(q0.size()) * q0[0].size(2) * q0[0].size(3) *
-                               s0[0].size(2) * s0[0].size(3),
+  const StackInputs in(query, support, mask);
+  const auto g = grad_out.to(in.cdt).contiguous();
+  TORCH_CHECK(g.numel() == c10::multiply_integers(in.out_sizes),
               "correlation backward: grad_out has the wrong size");
   std::vector<at::Tensor> gq, gs;
-  for (size_t l = 0; l < qs.size(); ++l) {
-    gq.push_back(at::empty_like(qs[l]));
-    gs.push_back(at::empty_like(ss[l]));
+  for (size_t l = 0; l < in.qs.size(); ++l) {
+    gq.push_back(at::empty_like(in.qs[l]));
+    gs.push_back(at::empty_like(in.ss[l]));
   }
-  AT_DISPATCH_FLOATING_TYPES(cdt, "tlg_correlation_backward", [&] { backward_impl<scalar_t>(g, qs, ss, m, eps, gq, gs); });
-  for (size_t l = 0; l < qs.size(); ++l) {
-    gq[l] = gq[l].to(dtype);
-    gs[l] = gs[l].to(dtype);
+  AT_DISPATCH_FLOATING_TYPES(in.cdt, "tlg_correlation_backward",
+                             [&] { backward_impl<scalar_t>(g, in.qs, in.ss, in.mask, eps, gq, gs); });
+  for (size_t l = 0; l < in.qs.size(); ++l) {
+    gq[l] = gq[l].to(in.dtype);
+    gs[l] = gs[l].to(in.dtype);
   }
   return {gq, gs};
 }
