@@ -114,17 +114,51 @@ def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
         torch.testing.assert_close(a, r, **tol)
 
 
+@pytest.mark.parametrize("cin,cout", [(3, 16), (16, 8)])
 @pytest.mark.parametrize("kq,ks,stride,sizes", [(5, 5, 4, (6, 7, 13, 11)), (3, 3, 2, (5, 4, 7, 7))])
-def test_cp_conv4d_sixteen_outputs(kq, ks, stride, sizes):
-    """Cout = 16 in float32 takes the register-blocked main GEMM (where AVX-512 is available), with
-    column counts that are not multiples of 16."""
+def test_cp_conv4d_sixteen_channels(cin, cout, kq, ks, stride, sizes):
+    """In float32, Cout = 16 takes the register-blocked kernel (where AVX-512 is available) for the main
+    GEMM, Cin = 16 for the query part of grad_x; column counts are not multiples of 16."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, *sizes, generator=g)
-    wq, ws = torch.randn(16, 3, kq, kq, generator=g), torch.randn(16, 3, ks, ks, generator=g)
-    bq, bs = torch.randn(16, generator=g), torch.randn(16, generator=g)
-    out = ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend="cpp")
-    ref = R.cp_conv4d(x.double(), wq.double(), bq.double(), ws.double(), bs.double(), stride).float()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    x = torch.randn(2, cin, *sizes, generator=g)
+    wq, ws = torch.randn(cout, cin, kq, kq, generator=g), torch.randn(cout, cin, ks, ks, generator=g)
+    bq, bs = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+
+    def fn(x, wq, bq, ws, bs, backend):
+        return ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
+
+    out, grads, gy = _fwd_bwd(fn, [x, wq, bq, ws, bs], "cpp")
+    ref, ref_grads, _ = _fwd_bwd_with(fn, [t.double() for t in (x, wq, bq, ws, bs)], gy.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r.float(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cin,cout,stride,sizes", [
+    (16, 32, 1, (5, 7, 3, 4)),   # odd query sizes: partial 2x2 tiles at the right and bottom edges
+    (16, 32, 2, (6, 6, 4, 4)),   # pruned support (HSNet's 64->128 layers)
+    (17, 33, 2, (3, 3, 5, 5)),
+    (32, 32, 1, (7, 5, 2, 2)),   # mixing block shape
+    (16, 32, 1, (1, 1, 3, 3)),   # a 1x1 query grid: one tile, three of its four outputs cut off
+])
+def test_cp_conv4d_winograd_query_path(dtype, cin, cout, stride, sizes):
+    """3x3 query kernels with >= 16 in and >= 32 out channels take the Winograd F(2x2, 3x3) path for the
+    query part of the forward and of grad_x; every output and gradient matches the direct reference."""
+    g = torch.Generator().manual_seed(2)
+    x = _noncontig(torch.randn(2, cin, *sizes, generator=g, dtype=dtype))
+    wq, ws = (torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype) for _ in range(2))
+    bq, bs = (torch.randn(cout, generator=g, dtype=dtype) for _ in range(2))
+
+    def fn(x, wq, bq, ws, bs, backend):
+        return ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
+
+    out, grads, gy = _fwd_bwd(fn, [x, wq, bq, ws, bs], "cpp")
+    ref, ref_grads, _ = _fwd_bwd_with(fn, [x, wq, bq, ws, bs], gy)
+    scale = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(out, ref, **scale)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, **scale)
 
 
 def test_cp_conv4d_partial_grads_and_no_bias():

@@ -15,8 +15,12 @@
 //  * per-position path, when more than half of the support taps would read padding (HSNet's mixing
 //    blocks on 2x2 grids keep 4 of 9 taps): the main GEMM has the query taps only, and each p adds
 //    a GEMM over its own valid taps T_p.
+//  * 3x3 query kernels with enough channels (HSNet's 64->128 and mixing layers): the query part
+//    by Winograd F(2x2, 3x3) over tasks of whole query-row pairs instead of the main GEMM
+//    (2.25x fewer multiplies; winograd.h); the backward's query part of dx likewise.
 
 #include "common.h"
+#include "winograd.h"
 
 #include <immintrin.h>
 
@@ -37,6 +41,7 @@ struct Geometry {
   std::vector<int> sidx;  // (t, p) -> support index read by tap t at p, S in the padding
   bool dense;             // few support taps read padding: they join the main GEMM (else per-p GEMMs)
   bool small_s;           // not dense, small support grid: one GEMM over (o, p) x (c, s) for the support part
+  bool wino;              // query part by Winograd F(2x2, 3x3); tasks are whole query-row pairs
   int64_t chunk, nchunks;  // query positions per task
 
   Geometry(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t s) : stride(s) {
@@ -81,18 +86,26 @@ struct Geometry {
           sidx[t * Sp + py * wp + px] = (sy >= 0 && sy < hb && sx >= 0 && sx < wb) ? static_cast<int>(sy * wb + sx)
                                                                                 : static_cast<int>(S);
         }
-    // Query chunk: the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache.
-    const int64_t k_main = cin * (kq2 + (dense ? ks * ks : 0));
-    chunk = std::min(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main * Sp, 1)));
-    nchunks = (P + chunk - 1) / chunk;
-    // Few tasks: as many per thread, of equal sizes.
-    const int64_t nthr = num_threads();
-    if (nb * nchunks < 8 * nthr && (nb * nchunks) % nthr) {
-      const int64_t total = (nb * nchunks + nthr - 1) / nthr * nthr;
-      chunk = std::max<int64_t>(1, (P + (total + nb - 1) / nb - 1) / ((total + nb - 1) / nb));
-      nchunks = (P + chunk - 1) / chunk;
+    wino = kq == 3 && cin >= 16 && cout >= 32;
+    if (wino) {  // tasks of tile rows (2 query rows each), about 512 GEMM columns (tiles x Sp) per task
+      const int64_t rows = balanced((ha + 1) / 2, std::max<int64_t>(1, 512 / (((wa + 1) / 2) * Sp)));
+      chunk = std::min(P, 2 * rows * wa);
+    } else {  // the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache
+      chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)));
     }
+    nchunks = (P + chunk - 1) / chunk;
   }
+  // Units per task for `units` work units per batch element, about `per` at first; with few tasks,
+  // as many per thread and of equal sizes.
+  int64_t balanced(int64_t units, int64_t per) const {
+    per = std::min(units, per);
+    const int64_t tasks = nb * ((units + per - 1) / per), nthr = num_threads();
+    if (tasks >= 8 * nthr || tasks % nthr == 0) return per;
+    const int64_t each = ((tasks + nthr - 1) / nthr * nthr + nb - 1) / nb;  // tasks per batch element
+    return std::max<int64_t>(1, (units + each - 1) / each);
+  }
+  // Rows of the main GEMM: the query taps (unless by Winograd) and, on the dense path, the support taps.
+  int64_t k_main(bool with_query) const { return cin * ((with_query ? kq2 : 0) + (dense ? ks * ks : 0)); }
   int64_t nt(int64_t p) const { return taps[pack_of[p]].size(); }
 };
 
@@ -236,14 +249,15 @@ inline bool has_avx512() {
 }
 
 template <typename T>
-bool use_gemm16(const Geometry& g) {
-  return std::is_same<T, float>::value && g.cout == 16 && has_avx512();
+bool use_gemm16(int64_t rows) {
+  return std::is_same<T, float>::value && rows == 16 && has_avx512();
 }
 
-// The main GEMM's weights: Wq (per-position path) or [Wq | Ws] (dense path), Cout x K_main.
+// The main GEMM's weights: Wq (per-position path) or [Wq | Ws] (dense path), Cout x K_main; without
+// Wq when the query part is done otherwise.
 template <typename T>
-std::vector<T> main_weights(const Geometry& g, const T* wq, const T* ws) {
-  const int64_t qc = g.cin * g.kq2, sc = g.dense ? g.cin * g.ks * g.ks : 0, k = qc + sc;
+std::vector<T> main_weights(const Geometry& g, const T* wq, const T* ws, bool with_query) {
+  const int64_t qc = with_query ? g.cin * g.kq2 : 0, sc = g.dense ? g.cin * g.ks * g.ks : 0, k = qc + sc;
   std::vector<T> w(g.cout * k);
   for (int64_t o = 0; o < g.cout; ++o) {
     std::copy(wq + o * qc, wq + (o + 1) * qc, w.begin() + o * k);
@@ -269,19 +283,27 @@ std::vector<std::vector<T>> tap_weights(const Geometry& g, const T* ws) {
 }
 
 template <typename T>
-void main_cols(const Geometry& g, const T* xb, const T* xpb, int64_t a0, int64_t na, T* col) {
-  query_cols(g, xpb, a0, na, col);
-  if (g.dense) support_cols(g, xb, a0, na, col + g.cin * g.kq2 * na * g.Sp);
+void main_cols(const Geometry& g, const T* xb, const T* xpb, int64_t a0, int64_t na, T* col, bool with_query) {
+  if (with_query) query_cols(g, xpb, a0, na, col);
+  if (g.dense) support_cols(g, xb, a0, na, col + (with_query ? g.cin * g.kq2 * na * g.Sp : 0));
 }
 
-// y[:, chunk, :] = W_main col_main (+ per p: Ws_p col_s(p)) + bias
+template <typename T>
+WinogradScratch<T>& winograd_scratch() {
+  static thread_local WinogradScratch<T> s;
+  return s;
+}
+
+// y[:, chunk, :] = W_main col_main (+ per p: Ws_p col_s(p)) (+ the query part by Winograd) + bias
 template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* bias, T* y) {
-  const auto w = main_weights(g, wq, ws);
+  const bool query_in_main = !g.wino;
+  const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
-  const int64_t k = g.cin * (g.kq2 + (g.dense ? g.ks * g.ks : 0)), ldy = g.P * g.Sp;
-  const bool g16 = use_gemm16<T>(g);
+  const auto uq = g.wino ? winograd_weights(wq, g.cout, g.cin) : std::vector<T>();
+  const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
+  const bool g16 = use_gemm16<T>(g.cout);
   std::vector<T> wt(g16 ? k * 16 : 0);  // W_main transposed, K x 16
   if (g16)
     for (int64_t o = 0; o < 16; ++o)
@@ -296,18 +318,22 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
       const int64_t b = task / g.nchunks, a0 = (task % g.nchunks) * g.chunk, na = std::min(g.chunk, g.P - a0);
       const int64_t n = na * g.Sp;
       const T* xb = x + b * g.cin * g.P * g.S;
+      const T* xpb = xp + b * g.cin * g.P * g.Sp;
       T* yc = y + b * g.cout * ldy + a0 * g.Sp;
-      grow(col, k * n);
-      main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data());
-      if (g16) {
-        gemm16_avx512(n, k, reinterpret_cast<const float*>(wt.data()), reinterpret_cast<const float*>(col.data()),
-                      reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(yc), ldy);
+      if (k == 0) {
+        for (int64_t o = 0; o < g.cout; ++o) std::fill(yc + o * ldy, yc + o * ldy + n, bias[o]);
       } else {
-        gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
-        for (int64_t o = 0; o < g.cout; ++o)
-          for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
+        grow(col, k * n);
+        main_cols(g, xb, xpb, a0, na, col.data(), query_in_main);
+        if (g16) {
+          gemm16_avx512(n, k, reinterpret_cast<const float*>(wt.data()), reinterpret_cast<const float*>(col.data()),
+                        reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(yc), ldy);
+        } else {
+          gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
+          for (int64_t o = 0; o < g.cout; ++o)
+            for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
+        }
       }
-      if (g.dense) continue;
       if (g.small_s) {  // tmp[(o, p), i] = wbig xs, added to y[o, a0 + i, p]
         const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
         grow(cs, kb * na);
@@ -317,17 +343,21 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         for (int64_t o = 0; o < g.cout; ++o)
           for (int64_t i = 0; i < na; ++i)
             for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
-        continue;
+      } else if (!g.dense) {
+        grow(tmp, g.cout * na);
+        for (int64_t p = 0; p < g.Sp; ++p) {
+          const int64_t kp = g.cin * g.nt(p);
+          grow(cs, kp * na);
+          support_cols_at(g, xb, p, a0, na, cs.data());
+          gemm<T>(false, false, g.cout, na, kp, T(1), packs[g.pack_of[p]].data(), kp, cs.data(), na, T(0),
+                  tmp.data(), na);
+          for (int64_t o = 0; o < g.cout; ++o)
+            for (int64_t i = 0; i < na; ++i) yc[o * ldy + i * g.Sp + p] += tmp[o * na + i];
+        }
       }
-      grow(tmp, g.cout * na);
-      for (int64_t p = 0; p < g.Sp; ++p) {
-        const int64_t kp = g.cin * g.nt(p);
-        grow(cs, kp * na);
-        support_cols_at(g, xb, p, a0, na, cs.data());
-        gemm<T>(false, false, g.cout, na, kp, T(1), packs[g.pack_of[p]].data(), kp, cs.data(), na, T(0), tmp.data(), na);
-        for (int64_t o = 0; o < g.cout; ++o)
-          for (int64_t i = 0; i < na; ++i) yc[o * ldy + i * g.Sp + p] += tmp[o * na + i];
-      }
+      if (g.wino)
+        winograd_conv3x3_rows(uq, g.cout, g.cin, xpb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, yc, ldy,
+                              winograd_scratch<T>());
     }
   }
 }
@@ -339,10 +369,12 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
 //   outside the chunk.
 template <typename T>
 void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws) {
-  const auto w = main_weights(g, wq, ws);
+  const bool query_in_main = !g.wino;
+  const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
-  const int64_t qc = g.cin * g.kq2, ks2 = g.ks * g.ks, k = qc + (g.dense ? g.cin * ks2 : 0), ldy = g.P * g.Sp;
+  const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
+  const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
   const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
   std::vector<T> xp_buf;
   const T* xp = dwq ? pruned_x(g, x, xp_buf) : nullptr;
@@ -351,13 +383,20 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   for (int64_t c = 0; c < g.cin; ++c)
     for (int64_t o = 0; o < g.cout; ++o)
       for (int64_t u = 0; u < g.kq2; ++u) wf[(c * g.cout + o) * g.kq2 + u] = wq[(o * g.cin + c) * g.kq2 + g.kq2 - 1 - u];
+  const auto uf = g.wino && dx ? winograd_weights(wf.data(), g.cin, g.cout) : std::vector<T>();
+  const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16
+  std::vector<T> wft(dx16 ? g.cout * g.kq2 * 16 : 0), zeros16(16, T(0));  // wf transposed, (Cout kq²) x 16
+  for (int64_t c = 0; dx16 && c < 16; ++c)
+    for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
   std::vector<std::vector<T>> dw_thr(nthr);                // per thread: Cout x K_main
   std::vector<std::vector<std::vector<T>>> dwp_thr(nthr);  // per thread, per tap set: Cout x Cin |T|
   std::vector<std::vector<T>> dwb_thr(nthr);               // per thread (small grids): mb x kb
+  std::vector<std::vector<T>> dww_thr(nthr);               // per thread (Winograd): 16 x Cout x Cin
   if (dwq)
     for (int i = 0; i < nthr; ++i) {
       dw_thr[i].assign(g.cout * k, T(0));
+      if (g.wino) dww_thr[i].assign(16 * g.cout * g.cin, T(0));
       if (g.small_s) dwb_thr[i].assign(mb * kb, T(0));
       for (int64_t pk = 0; pk < npk; ++pk) dwp_thr[i].emplace_back(packs[pk].size(), T(0));
     }
@@ -376,11 +415,14 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       const T* dyb = dy + b * g.cout * ldy;
       const T* dyc = dyb + a0 * g.Sp;  // Cout x n, row stride ldy
       T* dxb = dx ? dx + b * g.cin * g.P * g.S : nullptr;
-      if (dwq) {
+      if (dwq && k > 0) {
         grow(col, k * n);
-        main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data());
+        main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data(), query_in_main);
         gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw_thr[tid].data(), k);
       }
+      if (dwq && g.wino)
+        winograd_weight_grad_rows(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
+                                  (a0 + na) / g.wa, dww_thr[tid].data(), winograd_scratch<T>());
       if (g.dense && dx) {  // support part, all taps
         grow(dcol, g.cin * ks2 * n);
         gemm<T>(true, false, g.cin * ks2, n, g.cout, T(1), w.data() + qc, k, dyc, ldy, T(0), dcol.data(), n);
@@ -441,12 +483,23 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
         }
       }
-      if (dx) {  // query part: dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
-        grow(dcolq, g.cout * g.kq2 * n);
-        query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
+      if (dx) {  // query part: dy convolved with Wq flipped, by Winograd or by dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
         grow(dxq, g.cin * n);
-        gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
-                dxq.data(), n);
+        if (g.wino) {
+          std::fill(dxq.begin(), dxq.begin() + g.cin * n, T(0));
+          winograd_conv3x3_rows(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, dxq.data(), n,
+                                winograd_scratch<T>());
+        } else {
+          grow(dcolq, g.cout * g.kq2 * n);
+          query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
+          if (dx16)
+            gemm16_avx512(n, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
+                          reinterpret_cast<const float*>(dcolq.data()), reinterpret_cast<const float*>(zeros16.data()),
+                          reinterpret_cast<float*>(dxq.data()), n);
+          else
+            gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
+                    dxq.data(), n);
+        }
         for (int64_t c = 0; c < g.cin; ++c)
           for (int64_t i = 0; i < na; ++i) {
             T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
@@ -457,10 +510,11 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
     }
   }
   if (dwq) {  // reduce the per-thread accumulators into (Cout, Cin, k, k)
-    std::fill(dwq, dwq + g.cout * qc, T(0));
+    std::fill(dwq, dwq + g.cout * g.cin * g.kq2, T(0));
     std::fill(dws, dws + g.cout * g.cin * ks2, T(0));
     for (int i = 0; i < nthr; ++i) {
       const auto& main = dw_thr[i];
+      if (g.wino) winograd_weight_grad_finish(dww_thr[i].data(), g.cout, g.cin, dwq);
       for (int64_t o = 0; o < g.cout; ++o) {
         for (int64_t j = 0; j < qc; ++j) dwq[o * qc + j] += main[o * k + j];
         if (g.dense)
