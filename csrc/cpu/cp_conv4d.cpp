@@ -16,8 +16,8 @@
 //    blocks on 2x2 grids keep 4 of 9 taps): the main GEMM has the query taps only, and each p adds
 //    a GEMM over its own valid taps T_p.
 //  * 3x3 query kernels with enough channels (HSNet's 64->128 and mixing layers): the query part
-//    by Winograd F(2x2, 3x3) over tasks of whole query-row pairs instead of the main GEMM
-//    (2.25x fewer multiplies; winograd.h); the backward's query part of dx likewise.
+//    by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main GEMM
+//    (winograd.h), in the forward and in both gradients.
 
 #include "common.h"
 #include "winograd.h"
@@ -31,6 +31,8 @@
 namespace tlg_cpu {
 namespace {
 
+constexpr int kWino = 2;  // Winograd output tile of the 3x3 query convolutions: F(2x2, 3x3)
+
 struct Geometry {
   int64_t nb, cin, cout, ha, wa, hb, wb, hp, wp, P, S, Sp, kq, ks, kq2, stride;
   std::vector<int64_t> ay, ax;           // query position a -> (row, col)
@@ -41,7 +43,7 @@ struct Geometry {
   std::vector<int> sidx;  // (t, p) -> support index read by tap t at p, S in the padding
   bool dense;             // few support taps read padding: they join the main GEMM (else per-p GEMMs)
   bool small_s;           // not dense, small support grid: one GEMM over (o, p) x (c, s) for the support part
-  bool wino;              // query part by Winograd F(2x2, 3x3); tasks are whole query-row pairs
+  bool wino;              // query part by Winograd; tasks are whole tile rows (kWino query rows)
   int64_t chunk, nchunks;  // query positions per task
 
   Geometry(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t s) : stride(s) {
@@ -87,9 +89,10 @@ struct Geometry {
                                                                                 : static_cast<int>(S);
         }
     wino = kq == 3 && cin >= 16 && cout >= 32;
-    if (wino) {  // tasks of tile rows (2 query rows each), about 512 GEMM columns (tiles x Sp) per task
-      const int64_t rows = balanced((ha + 1) / 2, std::max<int64_t>(1, 512 / (((wa + 1) / 2) * Sp)));
-      chunk = std::min(P, 2 * rows * wa);
+    if (wino) {  // tasks of tile rows, about 512 GEMM columns (tiles x Sp) per task
+      const int64_t tw = (wa + kWino - 1) / kWino;
+      const int64_t rows = balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / (tw * Sp)));
+      chunk = std::min(P, kWino * rows * wa);
     } else {  // the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache
       chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)));
     }
@@ -301,7 +304,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
   const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
-  const auto uq = g.wino ? winograd_weights(wq, g.cout, g.cin) : std::vector<T>();
+  const auto uq = g.wino ? winograd_weights<kWino>(wq, g.cout, g.cin) : std::vector<T>();
   const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
   const bool g16 = use_gemm16<T>(g.cout);
   std::vector<T> wt(g16 ? k * 16 : 0);  // W_main transposed, K x 16
@@ -356,7 +359,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         }
       }
       if (g.wino)
-        winograd_conv3x3_rows(uq, g.cout, g.cin, xpb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, yc, ldy,
+        winograd_conv3x3_rows<kWino>(uq, g.cout, g.cin, xpb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, yc, ldy,
                               winograd_scratch<T>());
     }
   }
@@ -383,7 +386,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   for (int64_t c = 0; c < g.cin; ++c)
     for (int64_t o = 0; o < g.cout; ++o)
       for (int64_t u = 0; u < g.kq2; ++u) wf[(c * g.cout + o) * g.kq2 + u] = wq[(o * g.cin + c) * g.kq2 + g.kq2 - 1 - u];
-  const auto uf = g.wino && dx ? winograd_weights(wf.data(), g.cin, g.cout) : std::vector<T>();
+  const auto uf = g.wino && dx ? winograd_weights<kWino>(wf.data(), g.cin, g.cout) : std::vector<T>();
   const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16
   std::vector<T> wft(dx16 ? g.cout * g.kq2 * 16 : 0), zeros16(16, T(0));  // wf transposed, (Cout kq²) x 16
   for (int64_t c = 0; dx16 && c < 16; ++c)
@@ -392,11 +395,11 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   std::vector<std::vector<T>> dw_thr(nthr);                // per thread: Cout x K_main
   std::vector<std::vector<std::vector<T>>> dwp_thr(nthr);  // per thread, per tap set: Cout x Cin |T|
   std::vector<std::vector<T>> dwb_thr(nthr);               // per thread (small grids): mb x kb
-  std::vector<std::vector<T>> dww_thr(nthr);               // per thread (Winograd): 16 x Cout x Cin
+  std::vector<std::vector<T>> dww_thr(nthr);               // per thread (Winograd): α² x Cout x Cin
   if (dwq)
     for (int i = 0; i < nthr; ++i) {
       dw_thr[i].assign(g.cout * k, T(0));
-      if (g.wino) dww_thr[i].assign(16 * g.cout * g.cin, T(0));
+      if (g.wino) dww_thr[i].assign(WinogradF<kWino>::a * WinogradF<kWino>::a * g.cout * g.cin, T(0));
       if (g.small_s) dwb_thr[i].assign(mb * kb, T(0));
       for (int64_t pk = 0; pk < npk; ++pk) dwp_thr[i].emplace_back(packs[pk].size(), T(0));
     }
@@ -421,7 +424,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw_thr[tid].data(), k);
       }
       if (dwq && g.wino)
-        winograd_weight_grad_rows(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
+        winograd_weight_grad_rows<kWino>(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
                                   (a0 + na) / g.wa, dww_thr[tid].data(), winograd_scratch<T>());
       if (g.dense && dx) {  // support part, all taps
         grow(dcol, g.cin * ks2 * n);
@@ -487,7 +490,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         grow(dxq, g.cin * n);
         if (g.wino) {
           std::fill(dxq.begin(), dxq.begin() + g.cin * n, T(0));
-          winograd_conv3x3_rows(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, dxq.data(), n,
+          winograd_conv3x3_rows<kWino>(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, dxq.data(), n,
                                 winograd_scratch<T>());
         } else {
           grow(dcolq, g.cout * g.kq2 * n);
@@ -514,7 +517,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
     std::fill(dws, dws + g.cout * g.cin * ks2, T(0));
     for (int i = 0; i < nthr; ++i) {
       const auto& main = dw_thr[i];
-      if (g.wino) winograd_weight_grad_finish(dww_thr[i].data(), g.cout, g.cin, dwq);
+      if (g.wino) winograd_weight_grad_finish<kWino>(dww_thr[i].data(), g.cout, g.cin, dwq);
       for (int64_t o = 0; o < g.cout; ++o) {
         for (int64_t j = 0; j < qc; ++j) dwq[o * qc + j] += main[o * k + j];
         if (g.dense)
