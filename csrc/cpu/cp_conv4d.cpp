@@ -98,13 +98,13 @@ struct Geometry {
     }
     nchunks = (P + chunk - 1) / chunk;
   }
-  // Units per task for `units` work units per batch element, about `per` at first; with few tasks,
-  // as many per thread and of equal sizes.
+  // Units per task for `units` work units per batch element: about `per`, fewer when that gives less
+  // than 4 tasks per thread, so that the dynamic schedule evens the threads out.
   int64_t balanced(int64_t units, int64_t per) const {
-    per = std::min(units, per);
-    const int64_t tasks = nb * ((units + per - 1) / per), nthr = num_threads();
-    if (tasks >= 8 * nthr || tasks % nthr == 0) return per;
-    const int64_t each = ((tasks + nthr - 1) / nthr * nthr + nb - 1) / nb;  // tasks per batch element
+    per = std::max<int64_t>(1, std::min(units, per));
+    const int64_t want = 4 * num_threads();
+    if (nb * ((units + per - 1) / per) >= want) return per;
+    const int64_t each = (want + nb - 1) / nb;  // tasks per batch element
     return std::max<int64_t>(1, (units + each - 1) / each);
   }
   // Rows of the main GEMM: the query taps (unless by Winograd) and, on the dense path, the support taps.
@@ -226,19 +226,37 @@ void support_cols_at(const Geometry& g, const T* xb, int64_t p, int64_t a0, int6
     }
 }
 
+// Pruned x with a zero border of kq/2 around the query dims, (nb, Cin, Ha + 2r, Wa + 2r, Sp): a query
+// tap of one query row reads a contiguous run of it, so the Cout = 16 kernel reads it in place.
+template <typename T>
+std::vector<T> padded_pruned_x(const Geometry& g, const T* x) {
+  const int64_t r = g.kq / 2, hh = g.ha + 2 * r, ww = g.wa + 2 * r;
+  std::vector<T> xpp(g.nb * g.cin * hh * ww * g.Sp, T(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < g.nb * g.cin * g.ha; ++row) {  // (b, c, query row)
+    const int64_t bc = row / g.ha, ay = row % g.ha;
+    for (int64_t ax = 0; ax < g.wa; ++ax) {
+      const T* in = x + (row * g.wa + ax) * g.S;
+      T* out = xpp.data() + ((bc * hh + ay + r) * ww + ax + r) * g.Sp;
+      for (int64_t p = 0; p < g.Sp; ++p) out[p] = in[g.kept[p]];
+    }
+  }
+  return xpp;
+}
+
 // Cout = 16 (the first layer of each HSNet stack; K = 2 Cin k² is small): C (16 x n, row stride ldc) =
-// Wt' (K x 16, the weights transposed) B (K x n) + bias, one 16-column block at a time with its 16 rows
-// in registers: per k one load of B and 16 FMAs with broadcast weights. MKL's kernels do poorly with
-// 16 rows. AVX-512 only, chosen at run time.
-__attribute__((target("avx512f"))) void gemm16_avx512(int64_t n, int64_t k, const float* wt, const float* b,
+// Wt' (K x 16, the weights transposed) B (K x n) + bias, B's row kk read at rows[kk] (in place: no
+// im2col copy where a row is a shifted run of the input). One 16-column block at a time with its 16
+// rows in registers: per k one load of B and 16 FMAs with broadcast weights. MKL's kernels do poorly
+// with 16 rows. AVX-512 only, chosen at run time.
+__attribute__((target("avx512f"))) void gemm16_avx512(int64_t n, int64_t k, const float* wt, const float* const* rows,
                                                         const float* bias, float* c, int64_t ldc) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 mask = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
     __m512 acc[16];
     for (int o = 0; o < 16; ++o) acc[o] = _mm512_set1_ps(bias[o]);
-    const float* bp = b + j;
     for (int64_t kk = 0; kk < k; ++kk) {
-      const __m512 v = _mm512_maskz_loadu_ps(mask, bp + kk * n);
+      const __m512 v = _mm512_maskz_loadu_ps(mask, rows[kk] + j);
       const float* w = wt + kk * 16;
       for (int o = 0; o < 16; ++o) acc[o] = _mm512_fmadd_ps(_mm512_set1_ps(w[o]), v, acc[o]);
     }
@@ -312,26 +330,41 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
     for (int64_t o = 0; o < 16; ++o)
       for (int64_t kk = 0; kk < k; ++kk) wt[kk * 16 + o] = w[o * k + kk];
   std::vector<T> xp_buf;
-  const T* xp = pruned_x(g, x, xp_buf);
+  const T* xp = g16 ? nullptr : pruned_x(g, x, xp_buf);  // the Cout = 16 path reads the padded copy instead
+  const auto xpp = g16 ? padded_pruned_x(g, x) : std::vector<T>();
+  const int64_t kqc = g.cin * g.kq2, hh = g.ha + g.kq - 1, ww = g.wa + g.kq - 1;
 #pragma omp parallel
   {
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>();
+    std::vector<const T*> rows(k);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.nb * g.nchunks; ++task) {
       const int64_t b = task / g.nchunks, a0 = (task % g.nchunks) * g.chunk, na = std::min(g.chunk, g.P - a0);
       const int64_t n = na * g.Sp;
       const T* xb = x + b * g.cin * g.P * g.S;
-      const T* xpb = xp + b * g.cin * g.P * g.Sp;
+      const T* xpb = xp ? xp + b * g.cin * g.P * g.Sp : nullptr;
       T* yc = y + b * g.cout * ldy + a0 * g.Sp;
       if (k == 0) {
         for (int64_t o = 0; o < g.cout; ++o) std::fill(yc + o * ldy, yc + o * ldy + n, bias[o]);
       } else {
-        grow(col, k * n);
-        main_cols(g, xb, xpb, a0, na, col.data(), query_in_main);
-        if (g16) {
-          gemm16_avx512(n, k, reinterpret_cast<const float*>(wt.data()), reinterpret_cast<const float*>(col.data()),
-                        reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(yc), ldy);
+        if (g16) {  // query taps read in place from the padded x, per query row; support taps from col
+          grow(col, (k - kqc) * n);
+          if (g.dense) support_cols(g, xb, a0, na, col.data());
+          for (int64_t i = 0; i < na;) {
+            const int64_t ay = g.ay[a0 + i], x0 = g.ax[a0 + i], len = std::min(g.wa - x0, na - i);
+            for (int64_t c = 0; c < g.cin; ++c)
+              for (int64_t t = 0; t < g.kq2; ++t)
+                rows[c * g.kq2 + t] =
+                    xpp.data() + (((b * g.cin + c) * hh + ay + t / g.kq) * ww + x0 + t % g.kq) * g.Sp;
+            for (int64_t r = kqc; r < k; ++r) rows[r] = col.data() + (r - kqc) * n + i * g.Sp;
+            gemm16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(wt.data()),
+                          reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<const float*>(bias),
+                          reinterpret_cast<float*>(yc + i * g.Sp), ldy);
+            i += len;
+          }
         } else {
+          grow(col, k * n);
+          main_cols(g, xb, xpb, a0, na, col.data(), query_in_main);
           gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
           for (int64_t o = 0; o < g.cout; ++o)
             for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
@@ -495,13 +528,16 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         } else {
           grow(dcolq, g.cout * g.kq2 * n);
           query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
-          if (dx16)
+          if (dx16) {
+            std::vector<const T*> rows(g.cout * g.kq2);
+            for (int64_t r = 0; r < g.cout * g.kq2; ++r) rows[r] = dcolq.data() + r * n;
             gemm16_avx512(n, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
-                          reinterpret_cast<const float*>(dcolq.data()), reinterpret_cast<const float*>(zeros16.data()),
-                          reinterpret_cast<float*>(dxq.data()), n);
-          else
+                          reinterpret_cast<const float* const*>(rows.data()),
+                          reinterpret_cast<const float*>(zeros16.data()), reinterpret_cast<float*>(dxq.data()), n);
+          } else {
             gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
                     dxq.data(), n);
+          }
         }
         for (int64_t c = 0; c < g.cin; ++c)
           for (int64_t i = 0; i < na; ++i) {
