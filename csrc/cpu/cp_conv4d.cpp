@@ -226,22 +226,34 @@ void support_cols_at(const Geometry& g, const T* xb, int64_t p, int64_t a0, int6
     }
 }
 
-// Pruned x with a zero border of kq/2 around the query dims, (nb, Cin, Ha + 2r, Wa + 2r, Sp): a query
-// tap of one query row reads a contiguous run of it, so the Cout = 16 kernel reads it in place.
+// A zero border of kq/2 around the query dims, (nb, channels, Ha + 2r, Wa + 2r, Sp): a query tap of one
+// query row reads a contiguous run of it, so the 16-row kernel reads it in place. `src` is x (S values
+// per position, pruned to the kept ones) or has Sp values per position (dy).
 template <typename T>
-std::vector<T> padded_pruned_x(const Geometry& g, const T* x) {
-  const int64_t r = g.kq / 2, hh = g.ha + 2 * r, ww = g.wa + 2 * r;
-  std::vector<T> xpp(g.nb * g.cin * hh * ww * g.Sp, T(0));
+std::vector<T> padded_query_dims(const Geometry& g, const T* src, int64_t channels, bool prune) {
+  const int64_t r = g.kq / 2, hh = g.ha + 2 * r, ww = g.wa + 2 * r, per = prune ? g.S : g.Sp;
+  std::vector<T> out(g.nb * channels * hh * ww * g.Sp, T(0));
 #pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < g.nb * g.cin * g.ha; ++row) {  // (b, c, query row)
+  for (int64_t row = 0; row < g.nb * channels * g.ha; ++row) {  // (b, c, query row)
     const int64_t bc = row / g.ha, ay = row % g.ha;
     for (int64_t ax = 0; ax < g.wa; ++ax) {
-      const T* in = x + (row * g.wa + ax) * g.S;
-      T* out = xpp.data() + ((bc * hh + ay + r) * ww + ax + r) * g.Sp;
-      for (int64_t p = 0; p < g.Sp; ++p) out[p] = in[g.kept[p]];
+      const T* in = src + (row * g.wa + ax) * per;
+      T* o = out.data() + ((bc * hh + ay + r) * ww + ax + r) * g.Sp;
+      for (int64_t p = 0; p < g.Sp; ++p) o[p] = prune ? in[g.kept[p]] : in[p];
     }
   }
-  return xpp;
+  return out;
+}
+
+// Row pointers of the query taps (c, t) of `channels` channels for the query-row segment that starts at
+// position (ay, x0) of batch element b, into a padded_query_dims copy.
+template <typename T>
+void query_tap_rows(const Geometry& g, const T* padded, int64_t channels, int64_t b, int64_t ay, int64_t x0,
+                    const T** rows) {
+  const int64_t hh = g.ha + g.kq - 1, ww = g.wa + g.kq - 1;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < g.kq2; ++t)
+      rows[c * g.kq2 + t] = padded + (((b * channels + c) * hh + ay + t / g.kq) * ww + x0 + t % g.kq) * g.Sp;
 }
 
 // Cout = 16 (the first layer of each HSNet stack; K = 2 Cin k² is small): C (16 x n, row stride ldc) =
@@ -331,8 +343,8 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
       for (int64_t kk = 0; kk < k; ++kk) wt[kk * 16 + o] = w[o * k + kk];
   std::vector<T> xp_buf;
   const T* xp = g16 ? nullptr : pruned_x(g, x, xp_buf);  // the Cout = 16 path reads the padded copy instead
-  const auto xpp = g16 ? padded_pruned_x(g, x) : std::vector<T>();
-  const int64_t kqc = g.cin * g.kq2, hh = g.ha + g.kq - 1, ww = g.wa + g.kq - 1;
+  const auto xpp = g16 ? padded_query_dims(g, x, g.cin, true) : std::vector<T>();
+  const int64_t kqc = g.cin * g.kq2;
 #pragma omp parallel
   {
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>();
@@ -352,10 +364,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
           if (g.dense) support_cols(g, xb, a0, na, col.data());
           for (int64_t i = 0; i < na;) {
             const int64_t ay = g.ay[a0 + i], x0 = g.ax[a0 + i], len = std::min(g.wa - x0, na - i);
-            for (int64_t c = 0; c < g.cin; ++c)
-              for (int64_t t = 0; t < g.kq2; ++t)
-                rows[c * g.kq2 + t] =
-                    xpp.data() + (((b * g.cin + c) * hh + ay + t / g.kq) * ww + x0 + t % g.kq) * g.Sp;
+            query_tap_rows(g, xpp.data(), g.cin, b, ay, x0, rows.data());
             for (int64_t r = kqc; r < k; ++r) rows[r] = col.data() + (r - kqc) * n + i * g.Sp;
             gemm16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(wt.data()),
                           reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<const float*>(bias),
@@ -422,6 +431,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const auto uf = g.wino && dx ? winograd_weights<kWino>(wf.data(), g.cin, g.cout) : std::vector<T>();
   const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16
   std::vector<T> wft(dx16 ? g.cout * g.kq2 * 16 : 0), zeros16(16, T(0));  // wf transposed, (Cout kq²) x 16
+  const auto dy_padded = dx16 ? padded_query_dims(g, dy, g.cout, false) : std::vector<T>();
   for (int64_t c = 0; dx16 && c < 16; ++c)
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
@@ -519,25 +529,28 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
         }
       }
-      if (dx) {  // query part: dy convolved with Wq flipped, by Winograd or by dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
+      if (dx) {  // query part: dy convolved with Wq flipped (Winograd; 16-row kernel on dy in place; im2col GEMM)
         grow(dxq, g.cin * n);
         if (g.wino) {
           std::fill(dxq.begin(), dxq.begin() + g.cin * n, T(0));
-          winograd_conv3x3_rows<kWino>(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, dxq.data(), n,
-                                winograd_scratch<T>());
-        } else {
+          winograd_conv3x3_rows<kWino>(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa,
+                                       dxq.data(), n, winograd_scratch<T>());
+        } else if (dx16) {  // per query-row segment, dy's taps read from its padded copy
+          std::vector<const T*> rows(g.cout * g.kq2);
+          for (int64_t i = 0; i < na;) {
+            const int64_t x0 = g.ax[a0 + i], len = std::min(g.wa - x0, na - i);
+            query_tap_rows(g, dy_padded.data(), g.cout, b, g.ay[a0 + i], x0, rows.data());
+            gemm16_avx512(len * g.Sp, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
+                          reinterpret_cast<const float* const*>(rows.data()),
+                          reinterpret_cast<const float*>(zeros16.data()), reinterpret_cast<float*>(dxq.data() + i * g.Sp),
+                          n);
+            i += len;
+          }
+        } else {  // dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
           grow(dcolq, g.cout * g.kq2 * n);
           query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
-          if (dx16) {
-            std::vector<const T*> rows(g.cout * g.kq2);
-            for (int64_t r = 0; r < g.cout * g.kq2; ++r) rows[r] = dcolq.data() + r * n;
-            gemm16_avx512(n, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
-                          reinterpret_cast<const float* const*>(rows.data()),
-                          reinterpret_cast<const float*>(zeros16.data()), reinterpret_cast<float*>(dxq.data()), n);
-          } else {
-            gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
-                    dxq.data(), n);
-          }
+          gemm<T>(false, false, g.cin, n, g.cout * g.kq2, T(1), wf.data(), g.cout * g.kq2, dcolq.data(), n, T(0),
+                  dxq.data(), n);
         }
         for (int64_t c = 0; c < g.cin; ++c)
           for (int64_t i = 0; i < na; ++i) {
