@@ -256,6 +256,27 @@ void query_tap_rows(const Geometry& g, const T* padded, int64_t channels, int64_
       rows[c * g.kq2 + t] = padded + (((b * channels + c) * hh + ay + t / g.kq) * ww + x0 + t % g.kq) * g.Sp;
 }
 
+// f(i, len) for each run [i, i + len) of the positions a0 .. a0 + na - 1 that lies in one query row.
+template <typename F>
+void for_query_row_runs(const Geometry& g, int64_t a0, int64_t na, F&& f) {
+  for (int64_t i = 0; i < na;) {
+    const int64_t len = std::min(g.wa - g.ax[a0 + i], na - i);
+    f(i, len);
+    i += len;
+  }
+}
+
+// The main GEMM's K rows for the Cout = 16 kernels at the run starting at position a0 + i of batch
+// element b: the query taps read in place from the padded x, the support taps from the task's col
+// (K_s x n, the dense path's support_cols).
+template <typename T>
+void main_rows16(const Geometry& g, const T* xpp, const T* col, int64_t n, int64_t b, int64_t a0, int64_t i,
+                 int64_t k, const T** rows) {
+  query_tap_rows(g, xpp, g.cin, b, g.ay[a0 + i], g.ax[a0 + i], rows);
+  const int64_t kqc = g.cin * g.kq2;
+  for (int64_t r = kqc; r < k; ++r) rows[r] = col + (r - kqc) * n + i * g.Sp;
+}
+
 // Cout = 16 (the first layer of each HSNet stack; K = 2 Cin k² is small): C (16 x n, row stride ldc) =
 // Wt' (K x 16, the weights transposed) B (K x n) + bias, B's row kk read at rows[kk] (in place: no
 // im2col copy where a row is a shifted run of the input). One 16-column block at a time with its 16
@@ -273,6 +294,34 @@ __attribute__((target("avx512f"))) void gemm16_avx512(int64_t n, int64_t k, cons
       for (int o = 0; o < 16; ++o) acc[o] = _mm512_fmadd_ps(_mm512_set1_ps(w[o]), v, acc[o]);
     }
     for (int o = 0; o < 16; ++o) _mm512_mask_storeu_ps(c + o * ldc + j, mask, acc[o]);
+  }
+}
+
+// The Cout = 16 weight gradient: dwt (K x 16, dW transposed) += B dyᵀ, i.e. dwt[kk, o] += Σ_j B[kk, j]
+// dy[o, j], with dyt = dyᵀ (n x 16) and B's row kk at rows[kk]. Blocks of 12 rows of B against 256
+// columns, 12 accumulators of 16 outputs in registers: per column one load of dyt and 12 FMAs.
+__attribute__((target("avx512f"))) void wgrad16_avx512(int64_t n, int64_t k, const float* dyt,
+                                                         const float* const* rows, float* dwt) {
+  constexpr int R = 12;
+  for (int64_t j0 = 0; j0 < n; j0 += 256) {
+    const int64_t j1 = std::min(n, j0 + 256);
+    for (int64_t k0 = 0; k0 < k; k0 += R) {
+      const int nr = static_cast<int>(std::min<int64_t>(R, k - k0));
+      __m512 acc[R];
+      const float* rp[R];
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_setzero_ps();
+        rp[r] = rows[k0 + std::min(r, nr - 1)];  // a short last block repeats its last row, result unused
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m512 v = _mm512_loadu_ps(dyt + j * 16);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rp[r][j]), v, acc[r]);
+      }
+      for (int r = 0; r < nr; ++r) {
+        float* d = dwt + (k0 + r) * 16;
+        _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[r]));
+      }
+    }
   }
 }
 
@@ -344,7 +393,6 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
   std::vector<T> xp_buf;
   const T* xp = g16 ? nullptr : pruned_x(g, x, xp_buf);  // the Cout = 16 path reads the padded copy instead
   const auto xpp = g16 ? padded_query_dims(g, x, g.cin, true) : std::vector<T>();
-  const int64_t kqc = g.cin * g.kq2;
 #pragma omp parallel
   {
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>();
@@ -360,17 +408,14 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         for (int64_t o = 0; o < g.cout; ++o) std::fill(yc + o * ldy, yc + o * ldy + n, bias[o]);
       } else {
         if (g16) {  // query taps read in place from the padded x, per query row; support taps from col
-          grow(col, (k - kqc) * n);
+          grow(col, (k - g.cin * g.kq2) * n);
           if (g.dense) support_cols(g, xb, a0, na, col.data());
-          for (int64_t i = 0; i < na;) {
-            const int64_t ay = g.ay[a0 + i], x0 = g.ax[a0 + i], len = std::min(g.wa - x0, na - i);
-            query_tap_rows(g, xpp.data(), g.cin, b, ay, x0, rows.data());
-            for (int64_t r = kqc; r < k; ++r) rows[r] = col.data() + (r - kqc) * n + i * g.Sp;
+          for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
+            main_rows16(g, xpp.data(), col.data(), n, b, a0, i, k, rows.data());
             gemm16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(wt.data()),
                           reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<const float*>(bias),
                           reinterpret_cast<float*>(yc + i * g.Sp), ldy);
-            i += len;
-          }
+          });
         } else {
           grow(col, k * n);
           main_cols(g, xb, xpb, a0, na, col.data(), query_in_main);
@@ -422,7 +467,9 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
   const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
   std::vector<T> xp_buf;
-  const T* xp = dwq ? pruned_x(g, x, xp_buf) : nullptr;
+  const bool dw16 = dwq && use_gemm16<T>(g.cout);  // Cout = 16: the main weight gradient by wgrad16
+  const T* xp = dwq && !dw16 ? pruned_x(g, x, xp_buf) : nullptr;
+  const auto xpp = dw16 ? padded_query_dims(g, x, g.cin, true) : std::vector<T>();
   const int64_t npk = packs.size();
   std::vector<T> wf(g.cin * g.cout * g.kq2);  // wf[c, (o, u)] = Wq[o, c, kq²-1-u]
   for (int64_t c = 0; c < g.cin; ++c)
@@ -439,10 +486,12 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   std::vector<std::vector<std::vector<T>>> dwp_thr(nthr);  // per thread, per tap set: Cout x Cin |T|
   std::vector<std::vector<T>> dwb_thr(nthr);               // per thread (small grids): mb x kb
   std::vector<std::vector<T>> dww_thr(nthr);               // per thread (Winograd): α² x Cout x Cin
+  std::vector<std::vector<T>> dwt_thr(nthr);               // per thread (Cout = 16): K_main x 16
   if (dwq)
     for (int i = 0; i < nthr; ++i) {
       dw_thr[i].assign(g.cout * k, T(0));
       if (g.wino) dww_thr[i].assign(WinogradF<kWino>::a * WinogradF<kWino>::a * g.cout * g.cin, T(0));
+      if (dw16) dwt_thr[i].assign(k * 16, T(0));
       if (g.small_s) dwb_thr[i].assign(mb * kb, T(0));
       for (int64_t pk = 0; pk < npk; ++pk) dwp_thr[i].emplace_back(packs[pk].size(), T(0));
     }
@@ -450,7 +499,8 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   {
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>(), &dyp = scratch<T, 3>(),
          &dcol = scratch<T, 4>(), &dcolq = scratch<T, 5>(), &dxq = scratch<T, 6>();
-    std::vector<T> acc;
+    std::vector<T> acc, dyt;
+    std::vector<const T*> rows;
     (void)tmp;
     const int tid = thread_id();
 #pragma omp for schedule(dynamic, 1)
@@ -461,7 +511,19 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       const T* dyb = dy + b * g.cout * ldy;
       const T* dyc = dyb + a0 * g.Sp;  // Cout x n, row stride ldy
       T* dxb = dx ? dx + b * g.cin * g.P * g.S : nullptr;
-      if (dwq && k > 0) {
+      if (dw16) {  // dwt (K x 16) += B dyᵀ; B's query rows in place, its support rows from col
+        grow(col, (k - g.cin * g.kq2) * n);
+        if (g.dense) support_cols(g, xb, a0, na, col.data());
+        grow(dyt, n * 16);
+        for (int64_t o = 0; o < 16; ++o)
+          for (int64_t j = 0; j < n; ++j) dyt[j * 16 + o] = dyc[o * ldy + j];
+        rows.resize(k);
+        for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
+          main_rows16(g, xpp.data(), col.data(), n, b, a0, i, k, rows.data());
+          wgrad16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(dyt.data() + i * g.Sp * 16),
+                         reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(dwt_thr[tid].data()));
+        });
+      } else if (dwq && k > 0) {
         grow(col, k * n);
         main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data(), query_in_main);
         gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw_thr[tid].data(), k);
@@ -537,15 +599,13 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
                                        dxq.data(), n, winograd_scratch<T>());
         } else if (dx16) {  // per query-row segment, dy's taps read from its padded copy
           std::vector<const T*> rows(g.cout * g.kq2);
-          for (int64_t i = 0; i < na;) {
-            const int64_t x0 = g.ax[a0 + i], len = std::min(g.wa - x0, na - i);
-            query_tap_rows(g, dy_padded.data(), g.cout, b, g.ay[a0 + i], x0, rows.data());
+          for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
+            query_tap_rows(g, dy_padded.data(), g.cout, b, g.ay[a0 + i], g.ax[a0 + i], rows.data());
             gemm16_avx512(len * g.Sp, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
                           reinterpret_cast<const float* const*>(rows.data()),
                           reinterpret_cast<const float*>(zeros16.data()), reinterpret_cast<float*>(dxq.data() + i * g.Sp),
                           n);
-            i += len;
-          }
+          });
         } else {  // dcolq[(o, u), (i, p)] = dy[o, a0 + i + d_u, p]
           grow(dcolq, g.cout * g.kq2 * n);
           query_cols(g, dyb, a0, na, dcolq.data(), g.cout);
@@ -565,7 +625,9 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
     std::fill(dwq, dwq + g.cout * g.cin * g.kq2, T(0));
     std::fill(dws, dws + g.cout * g.cin * ks2, T(0));
     for (int i = 0; i < nthr; ++i) {
-      const auto& main = dw_thr[i];
+      auto& main = dw_thr[i];
+      for (int64_t kk = 0; dw16 && kk < k; ++kk)
+        for (int64_t o = 0; o < 16; ++o) main[o * k + kk] += dwt_thr[i][kk * 16 + o];
       if (g.wino) winograd_weight_grad_finish<kWino>(dww_thr[i].data(), g.cout, g.cin, dwq);
       for (int64_t o = 0; o < g.cout; ++o) {
         for (int64_t j = 0; j < qc; ++j) dwq[o * qc + j] += main[o * k + j];
