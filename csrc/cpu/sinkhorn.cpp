@@ -9,9 +9,10 @@
 // vectorised (maxima, then sums of exp(x - max): two passes over an L1/L2-resident matrix, one exp
 // per element). Each problem runs its own loop and stops on its own
 // convergence (||P1 - a||_2 <= tol checked every check_every iterations and at max_iter), so there
-// is no host round trip and no masking of finished problems. Problems run in parallel (at least kGrain
-// cost entries per thread); a batch smaller than the thread count parallelises over rows instead. When
-// -C/eps spans a small range, a problem runs the same iterations in the scaling form (solve_scaling_impl).
+// is no host round trip and no masking of finished problems. When -C/eps spans a small range, a problem
+// runs the same iterations in the scaling form (solve_scaling_impl). Problems run in parallel with at least
+// kGrain cost entries per thread; fewer problems than threads, each of many entries, parallelise the
+// log-domain loop over rows instead.
 // Backward: implicit differentiation through the converged plan, as reference.sinkhorn_implicit_grad.
 #include "common.h"
 
@@ -274,7 +275,7 @@ void plan_rows(const double* l, const double* fh, const double* gh, int64_t n, i
   plan_rows_impl(l, fh, gh, n, m, plan, [](double x) { return std::exp(x); });
 }
 
-// Cost entries per thread below which problems are solved one after another on the calling thread.
+// The fewest cost entries worth a thread (see solve_all).
 constexpr int64_t kGrain = 1 << 15;
 
 // [0, n) split into one contiguous range per thread (multiples of kLanes) when `par`.
@@ -321,7 +322,7 @@ bool solve_scaling(const double* cost, const double* a, const double* b, int64_t
 template <typename T>
 void solve_one(const T* cost, const T* a, const T* b, int64_t n, int64_t m, double eps, int64_t max_iter, double tol,
                int64_t check_every, T* plan, T* f, T* g, int64_t* n_iter, bool* converged, bool par) {
-  if (!par && solve_scaling(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged)) return;
+  if (solve_scaling(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged)) return;
   // lk = L (n x padded(m)) and lkt = Lᵀ (m x padded(n)); padding lanes hold 0 and are never read back.
   const int64_t np = padded(n), mp = padded(m);
   std::vector<T> lk(n * mp, T(0)), lkt(m * np, T(0)), la(n), lb(m), fh(n, T(0)), gh(m, T(0)),
@@ -362,11 +363,13 @@ void solve_all(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b,
                double tol, int64_t check_every, at::Tensor& plan, at::Tensor& f, at::Tensor& g, at::Tensor& n_iter,
                at::Tensor& conv) {
   const int64_t bsz = cost.size(0), n = cost.size(1), m = cost.size(2);
-  const int threads = num_threads();
-  const bool across = bsz >= threads;  // parallel over problems, else over rows
-  // At least kGrain cost entries per thread: below that a parallel region costs more than it saves, and
-  // far more (a whole time slice) when another process holds a core the team waits for.
-  const int team = across ? static_cast<int>(std::clamp<int64_t>(bsz * n * m / kGrain, 1, threads)) : 1;
+  // Every thread gets at least kGrain cost entries: below that a parallel region costs more than it saves,
+  // and far more (a whole time slice) when another process holds a core the team waits for. A batch smaller
+  // than the thread count parallelises inside its problems instead (the log-domain loop over rows; the
+  // scaling form, several times cheaper, runs on one thread).
+  const int64_t threads = num_threads();
+  const bool rows = bsz < threads && n * m >= kGrain * threads;
+  const int team = rows ? 1 : static_cast<int>(std::clamp<int64_t>(bsz * n * m / kGrain, 1, std::min(bsz, threads)));
   const T *c = cost.data_ptr<T>(), *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
   T *pp = plan.data_ptr<T>(), *pf = f.data_ptr<T>(), *pg = g.data_ptr<T>();
   int64_t* pn = n_iter.data_ptr<int64_t>();
@@ -374,7 +377,7 @@ void solve_all(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
   for (int64_t k = 0; k < bsz; ++k)
     solve_one<T>(c + k * n * m, pa + k * n, pb + k * m, n, m, eps, max_iter, tol, check_every, pp + k * n * m,
-                 pf + k * n, pg + k * m, pn + k, pc + k, !across && n * m >= 4096);
+                 pf + k * n, pg + k * m, pn + k, pc + k, rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward(
