@@ -9,14 +9,18 @@
 // vectorised (maxima, then sums of exp(x - max): two passes over an L1/L2-resident matrix, one exp
 // per element). Each problem runs its own loop and stops on its own
 // convergence (||P1 - a||_2 <= tol checked every check_every iterations and at max_iter), so there
-// is no host round trip and no masking of finished problems. Problems run in parallel; a batch
-// smaller than the thread count parallelises over rows instead.
+// is no host round trip and no masking of finished problems. When -C/eps spans a small range, a problem
+// runs the same iterations in the scaling form (solve_scaling_impl). Problems run in parallel with at least
+// kGrain cost entries per thread; fewer problems than threads, each of many entries, parallelise the
+// log-domain loop over rows instead.
 // Backward: implicit differentiation through the converged plan, as reference.sinkhorn_implicit_grad.
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace tlg_cpu {
@@ -107,43 +111,155 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void plan_rows_f32(
   plan_rows_impl(l, fh, gh, n, m, plan, [](float x) __attribute__((always_inline)) { return exp_f32(x); });
 }
 
-// out_i = Σ_j v_j mt[j, i] for i < n_out (mt: n_in x n_out, row stride ld): axpy over rows, vectorised over i.
-// Blocks of B outputs accumulate in registers over all j. n_out: a multiple of 16.
-template <typename T, int B>
-__attribute__((always_inline)) inline void matvec_block(const T* mt, int64_t ld, const T* v, int64_t n_in, T* out) {
-  T acc[B];
-  for (int l = 0; l < B; ++l) acc[l] = T(0);
-  for (int64_t j = 0; j < n_in; ++j) {
-    const T vj = v[j];
-    const T* row = mt + j * ld;
-#pragma omp simd
-    for (int l = 0; l < B; ++l) acc[l] += vj * row[l];
+// Fixed-width SIMD vectors of N lanes of T (GCC/Clang vector extensions; 64 bytes: one AVX-512 register, two
+// AVX2 or four SSE ones, whichever target clone includes them). The helpers are always inlined, so no vector
+// crosses a call and -Wpsabi's ABI warning does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T, int N = 64 / int(sizeof(T))>
+struct Simd {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+  static constexpr int64_t lanes = N;
+  __attribute__((always_inline)) static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
   }
-  for (int l = 0; l < B; ++l) out[l] = acc[l];
+  __attribute__((always_inline)) static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof v); }
+  // Σ of the lanes, by halving: log2(N) vector adds.
+  __attribute__((always_inline)) static T sum(const type& v) {
+    if constexpr (N == 1) {
+      return v[0];
+    } else {
+      typename Simd<T, N / 2>::type lo, hi;
+      std::memcpy(&lo, &v, sizeof lo);
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+      return Simd<T, N / 2>::sum(lo + hi);
+    }
+  }
+};
+
+// out[0, NV lanes) = Σ_j v_j mt[j, :] (mt: n_in rows, row stride ld): NV vectors accumulating in registers.
+template <typename T, int NV>
+__attribute__((always_inline)) inline void matvec_block(const T* mt, int64_t ld, const T* v, int64_t n_in, T* out) {
+  using S = Simd<T>;
+  typename S::type acc[NV] = {};
+  for (int64_t j = 0; j < n_in; ++j) {
+    const typename S::type vj = typename S::type{} + v[j];
+    for (int q = 0; q < NV; ++q) acc[q] += vj * S::load(mt + j * ld + q * S::lanes);
+  }
+  for (int q = 0; q < NV; ++q) S::store(out + q * S::lanes, acc[q]);
 }
+
+// out_i = Σ_j v_j mt[j, i] for i < n_out (mt: n_in x n_out, row stride ld): axpys over the rows, vectorised
+// over i, no horizontal sums. n_out: a multiple of 16.
 template <typename T>
 __attribute__((always_inline)) inline void matvec_cols_impl(const T* mt, int64_t ld, const T* v, int64_t n_in,
                                                             int64_t n_out, T* out) {
+  constexpr int64_t L = Simd<T>::lanes;
   int64_t i = 0;
-  for (; i + 64 <= n_out; i += 64) matvec_block<T, 64>(mt + i, ld, v, n_in, out + i);
-  for (; i + 16 <= n_out; i += 16) matvec_block<T, 16>(mt + i, ld, v, n_in, out + i);
-  for (; i < n_out; ++i) matvec_block<T, 1>(mt + i, ld, v, n_in, out + i);
+  for (; i + 4 * L <= n_out; i += 4 * L) matvec_block<T, 4>(mt + i, ld, v, n_in, out + i);
+  for (; i < n_out; i += L) matvec_block<T, 1>(mt + i, ld, v, n_in, out + i);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void matvec_cols_f32(const float* mt, int64_t ld,
-                                                                                  const float* v, int64_t n_in,
-                                                                                  int64_t n_out, float* out) {
-  matvec_cols_impl(mt, ld, v, n_in, n_out, out);
+// out[r] = Σ_j k[r, j] v_j for r < R (k: R rows of stride ld, a multiple of 16 covering the columns): R
+// independent vector accumulators sharing each load of v, then one horizontal sum per row.
+template <typename T, int R>
+__attribute__((always_inline)) inline void dot_rows(const T* k, int64_t ld, const T* v, T* out) {
+  using S = Simd<T>;
+  typename S::type acc[R] = {};
+  for (int64_t j = 0; j < ld; j += S::lanes) {
+    const typename S::type vj = S::load(v + j);
+    for (int r = 0; r < R; ++r) acc[r] += S::load(k + r * ld + j) * vj;
+  }
+  for (int r = 0; r < R; ++r) out[r] = S::sum(acc[r]);
+}
+
+// out_i = Σ_j k[i, j] v_j for i < n (k: n x ld): dot products over all ld lanes, four rows at a time.
+template <typename T>
+__attribute__((always_inline)) inline void matvec_rows_impl(const T* k, int64_t ld, const T* v, int64_t n, T* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) dot_rows<T, 4>(k + i * ld, ld, v, out + i);
+  for (; i < n; ++i) dot_rows<T, 1>(k + i * ld, ld, v, out + i);
+}
+
+// Vector-friendly padding: outputs are computed in whole multiples of kLanes (no scalar remainders).
+constexpr int64_t kLanes = 16;
+inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The same iterations in the scaling form, for problems whose log-kernel L = -C/eps spans a small range R:
+// with K = exp(L - max L) (entries in [e^-R, 1], no under/overflow), u = exp(f̂ + max L), v = exp(ĝ):
+//   u = a / (K v),  v = b / (Kᵀ u),  P = diag(u) K diag(v),  row sums r = u ∘ (K v),
+// the same iterates as the log-domain updates, with no exp per element and iteration. Only K is stored
+// (n x padded(m), padding lanes 0): K v by row dot products, Kᵀ u by axpys over its rows.
+// The K v of a convergence check is the next iteration's. Returns false (nothing written) when R is too
+// large for T; the caller then runs the log-domain loop.
+template <typename T, typename Exp>
+__attribute__((always_inline)) inline bool solve_scaling_impl(const T* cost, const T* a, const T* b, int64_t n,
+                                                              int64_t m, double eps, int64_t max_iter, double tol,
+                                                              int64_t check_every, T* plan, T* f, T* g,
+                                                              int64_t* n_iter, bool* converged, Exp exp_fn) {
+  constexpr double kMaxRange = sizeof(T) == 4 ? 30.0 : 200.0;
+  const T inv_eps = T(1) / T(eps);
+  T cmin = cost[0], cmax = cost[0];
+#pragma omp simd reduction(min : cmin) reduction(max : cmax)
+  for (int64_t k = 0; k < n * m; ++k) {
+    cmin = cost[k] < cmin ? cost[k] : cmin;
+    cmax = cost[k] > cmax ? cost[k] : cmax;
+  }
+  const double lmax = -double(cmin) * inv_eps, range = (double(cmax) - double(cmin)) * inv_eps;
+  if (!(range <= kMaxRange)) return false;
+  const int64_t np = padded(n), mp = padded(m);
+  std::unique_ptr<T[]> work(new T[n * mp + 2 * np + 2 * mp]);
+  T *k = work.get(), *u = k + n * mp, *kv = u + np, *v = kv + np, *ktu = v + mp;
+  // K = exp(L - max L), first into the plan's storage (contiguous: no padding lanes to exponentiate).
+#pragma omp simd
+  for (int64_t l = 0; l < n * m; ++l) plan[l] = exp_fn((cmin - cost[l]) * inv_eps);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(plan + i * m, plan + (i + 1) * m, k + i * mp);
+    std::fill(k + i * mp + m, k + (i + 1) * mp, T(0));
+  }
+  std::fill(v, v + mp, T(1));
+  int64_t it = 0;
+  bool conv = false, kv_fresh = false;
+  while (it < max_iter && !conv) {
+    ++it;
+    if (!kv_fresh) matvec_rows_impl(k, mp, v, n, kv);  // K v
+    for (int64_t i = 0; i < n; ++i) u[i] = a[i] / kv[i];
+    matvec_cols_impl(k, mp, u, n, mp, ktu);  // Kᵀ u
+    for (int64_t j = 0; j < m; ++j) v[j] = b[j] / ktu[j];
+    kv_fresh = it % check_every == 0 || it == max_iter;
+    if (kv_fresh) {
+      matvec_rows_impl(k, mp, v, n, kv);
+      T err2 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const T r = u[i] * kv[i];
+        err2 += (r - a[i]) * (r - a[i]);
+      }
+      conv = std::sqrt(err2) <= T(tol);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T ui = u[i];
+    const T* kr = k + i * mp;
+    T* pr = plan + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) pr[j] = ui * kr[j] * v[j];
+  }
+  for (int64_t i = 0; i < n; ++i) f[i] = T(eps) * (std::log(u[i]) - T(lmax));
+  for (int64_t j = 0; j < m; ++j) g[j] = T(eps) * std::log(v[j]);
+  *n_iter = it;
+  *converged = conv;
+  return true;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) bool solve_scaling_f32(
+    const float* cost, const float* a, const float* b, int64_t n, int64_t m, double eps, int64_t max_iter, double tol,
+    int64_t check_every, float* plan, float* f, float* g, int64_t* n_iter, bool* converged) {
+  return solve_scaling_impl(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged,
+                            [](float x) __attribute__((always_inline)) { return exp_f32(x); });
 }
 
 namespace {
-
-void matvec_cols(const float* mt, int64_t ld, const float* v, int64_t n_in, int64_t n_out, float* out) {
-  matvec_cols_f32(mt, ld, v, n_in, n_out, out);
-}
-void matvec_cols(const double* mt, int64_t ld, const double* v, int64_t n_in, int64_t n_out, double* out) {
-  matvec_cols_impl(mt, ld, v, n_in, n_out, out);
-}
 
 void lse_cols(const float* lt, int64_t ld, const float* v, int64_t n_in, int64_t n_out, float* out, float* sum) {
   lse_cols_f32(lt, ld, v, n_in, n_out, out, sum);
@@ -159,9 +275,8 @@ void plan_rows(const double* l, const double* fh, const double* gh, int64_t n, i
   plan_rows_impl(l, fh, gh, n, m, plan, [](double x) { return std::exp(x); });
 }
 
-// Vector-friendly padding: outputs are computed in whole multiples of kLanes (no scalar remainders).
-constexpr int64_t kLanes = 16;
-inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+// The fewest cost entries worth a thread (see solve_all).
+constexpr int64_t kGrain = 1 << 15;
 
 // [0, n) split into one contiguous range per thread (multiples of kLanes) when `par`.
 template <typename F>
@@ -192,69 +307,22 @@ void half_step(const T* lt, const T* logw, const T* v, int64_t n, int64_t m, T* 
     out[i] = logw[i] == -std::numeric_limits<T>::infinity() ? logw[i] : logw[i] - lse[i];
 }
 
-// The same iterations in the scaling form, for problems whose log-kernel L = -C/eps spans a small range R:
-// with K = exp(L - max L) (entries in [e^-R, 1], no under/overflow), u = exp(f̂ + max L), v = exp(ĝ):
-//   u = a / (K v),  v = b / (Kᵀ u),  P = diag(u) K diag(v),  row sums r = u ∘ (K v),
-// the same iterates as the log-domain updates, with no exp per element and iteration. Returns false
-// (nothing written) when R is too large for T; the caller then runs the log-domain loop.
-template <typename T>
-bool solve_scaling(const T* cost, const T* a, const T* b, int64_t n, int64_t m, double eps, int64_t max_iter,
-                   double tol, int64_t check_every, T* plan, T* f, T* g, int64_t* n_iter, bool* converged) {
-  constexpr double kMaxRange = sizeof(T) == 4 ? 30.0 : 200.0;
-  const T inv_eps = T(1) / T(eps);
-  T cmin = cost[0], cmax = cost[0];
-#pragma omp simd reduction(min : cmin) reduction(max : cmax)
-  for (int64_t k = 0; k < n * m; ++k) {
-    cmin = cost[k] < cmin ? cost[k] : cmin;
-    cmax = cost[k] > cmax ? cost[k] : cmax;
-  }
-  const double lmax = -double(cmin) * inv_eps, range = (double(cmax) - double(cmin)) * inv_eps;
-  if (!(range <= kMaxRange)) return false;
-  const int64_t np = padded(n), mp = padded(m);
-  std::vector<T> k(n * mp, T(0)), kt(m * np, T(0)), u(np, T(0)), v(mp, T(1)), kv(np), ktu(mp), zero(mp, T(0));
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j) k[i * mp + j] = (cmin - cost[i * m + j]) * inv_eps;  // L - max L <= 0
-  const T zf = T(0);
-  for (int64_t i = 0; i < n; ++i) plan_rows(k.data() + i * mp, &zf, zero.data(), 1, m, k.data() + i * mp);  // exp
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j) kt[j * np + i] = k[i * mp + j];
-  for (int64_t j = m; j < mp; ++j) v[j] = T(0);
-  int64_t it = 0;
-  bool conv = false;
-  while (it < max_iter && !conv) {
-    ++it;
-    matvec_cols(kt.data(), np, v.data(), m, np, kv.data());  // K v
-    for (int64_t i = 0; i < n; ++i) u[i] = a[i] / kv[i];
-    matvec_cols(k.data(), mp, u.data(), n, mp, ktu.data());  // Kᵀ u
-    for (int64_t j = 0; j < m; ++j) v[j] = b[j] / ktu[j];
-    if (it % check_every == 0 || it == max_iter) {
-      matvec_cols(kt.data(), np, v.data(), m, np, kv.data());
-      T err2 = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const T r = u[i] * kv[i];
-        err2 += (r - a[i]) * (r - a[i]);
-      }
-      conv = std::sqrt(err2) <= T(tol);
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const T ui = u[i];
-    const T* kr = k.data() + i * mp;
-    T* pr = plan + i * m;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) pr[j] = ui * kr[j] * v[j];
-  }
-  for (int64_t i = 0; i < n; ++i) f[i] = T(eps) * (std::log(u[i]) - T(lmax));
-  for (int64_t j = 0; j < m; ++j) g[j] = T(eps) * std::log(v[j]);
-  *n_iter = it;
-  *converged = conv;
-  return true;
+bool solve_scaling(const float* cost, const float* a, const float* b, int64_t n, int64_t m, double eps,
+                   int64_t max_iter, double tol, int64_t check_every, float* plan, float* f, float* g, int64_t* n_iter,
+                   bool* converged) {
+  return solve_scaling_f32(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged);
+}
+bool solve_scaling(const double* cost, const double* a, const double* b, int64_t n, int64_t m, double eps,
+                   int64_t max_iter, double tol, int64_t check_every, double* plan, double* f, double* g,
+                   int64_t* n_iter, bool* converged) {
+  return solve_scaling_impl(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged,
+                            [](double x) { return std::exp(x); });
 }
 
 template <typename T>
 void solve_one(const T* cost, const T* a, const T* b, int64_t n, int64_t m, double eps, int64_t max_iter, double tol,
                int64_t check_every, T* plan, T* f, T* g, int64_t* n_iter, bool* converged, bool par) {
-  if (!par && solve_scaling(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged)) return;
+  if (solve_scaling(cost, a, b, n, m, eps, max_iter, tol, check_every, plan, f, g, n_iter, converged)) return;
   // lk = L (n x padded(m)) and lkt = Lᵀ (m x padded(n)); padding lanes hold 0 and are never read back.
   const int64_t np = padded(n), mp = padded(m);
   std::vector<T> lk(n * mp, T(0)), lkt(m * np, T(0)), la(n), lb(m), fh(n, T(0)), gh(m, T(0)),
@@ -295,15 +363,21 @@ void solve_all(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b,
                double tol, int64_t check_every, at::Tensor& plan, at::Tensor& f, at::Tensor& g, at::Tensor& n_iter,
                at::Tensor& conv) {
   const int64_t bsz = cost.size(0), n = cost.size(1), m = cost.size(2);
-  const bool across = bsz >= num_threads();  // parallel over problems, else over rows
+  // Every thread gets at least kGrain cost entries: below that a parallel region costs more than it saves,
+  // and far more (a whole time slice) when another process holds a core the team waits for. A batch smaller
+  // than the thread count parallelises inside its problems instead (the log-domain loop over rows; the
+  // scaling form, several times cheaper, runs on one thread).
+  const int64_t threads = num_threads();
+  const bool rows = bsz < threads && n * m >= kGrain * threads;
+  const int team = rows ? 1 : static_cast<int>(std::clamp<int64_t>(bsz * n * m / kGrain, 1, std::min(bsz, threads)));
   const T *c = cost.data_ptr<T>(), *pa = a.data_ptr<T>(), *pb = b.data_ptr<T>();
   T *pp = plan.data_ptr<T>(), *pf = f.data_ptr<T>(), *pg = g.data_ptr<T>();
   int64_t* pn = n_iter.data_ptr<int64_t>();
   bool* pc = conv.data_ptr<bool>();
-#pragma omp parallel for schedule(dynamic, 1) if (across && bsz > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
   for (int64_t k = 0; k < bsz; ++k)
     solve_one<T>(c + k * n * m, pa + k * n, pb + k * m, n, m, eps, max_iter, tol, check_every, pp + k * n * m,
-                 pf + k * n, pg + k * m, pn + k, pc + k, !across && n * m >= 4096);
+                 pf + k * n, pg + k * m, pn + k, pc + k, rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward(

@@ -111,8 +111,8 @@ def sinkhorn(
     """
     _checks.sinkhorn_inputs(cost, a, b, eps, max_iter, tol, check_every)
     bsz, n, m = cost.shape
-    a = torch.full((bsz, n), 1.0 / n, dtype=cost.dtype, device=cost.device) if a is None else a.to(cost.dtype)
-    b = torch.full((bsz, m), 1.0 / m, dtype=cost.dtype, device=cost.device) if b is None else b.to(cost.dtype)
+    a = cost.new_full((bsz, n), 1.0 / n) if a is None else a.to(cost.dtype)
+    b = cost.new_full((bsz, m), 1.0 / m) if b is None else b.to(cost.dtype)
     impl = _backends.select("sinkhorn", backend, cost.device)
     return impl.sinkhorn(cost.contiguous(), a.contiguous(), b.contiguous(), float(eps), max_iter, float(tol), check_every)
 
