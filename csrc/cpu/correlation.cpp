@@ -8,6 +8,9 @@
 // buffer when positions were skipped or the output is half precision), and the epilogue scales by
 // 1/(||q_i|| + eps), applies the ReLU and scatters in place while the block is still in cache.
 // The stacked op writes layer l of (B, L, Hq, Wq, Hs, Ws) the same way; nothing is copied afterwards.
+//
+// Backward: the ReLU gate is read from the forward's output (saved by autograd), not recomputed, which
+// leaves two GEMMs per (batch, layer): dq̂ = Ŝ Hᵀ and dŝ = q̂ H (see backward_impl).
 #include "common.h"
 
 #include <cmath>
@@ -16,15 +19,15 @@
 namespace tlg_cpu {
 namespace {
 
-// Query side: 1 / (||q_i|| + eps) for the nq columns of q (C x nq).
+// n_i = ||x_i|| for the n columns of x (C x n).
 template <typename T>
-std::vector<T> inv_norms(const T* q, int64_t c, int64_t nq, double eps) {
-  std::vector<T> acc(nq, T(0));
+std::vector<T> col_norms(const T* x, int64_t c, int64_t n) {
+  std::vector<T> acc(n, T(0));
   for (int64_t ch = 0; ch < c; ++ch) {
-    const T* row = q + ch * nq;
-    for (int64_t i = 0; i < nq; ++i) acc[i] += row[i] * row[i];
+    const T* row = x + ch * n;
+    for (int64_t i = 0; i < n; ++i) acc[i] += row[i] * row[i];
   }
-  for (int64_t i = 0; i < nq; ++i) acc[i] = T(1) / (std::sqrt(acc[i]) + T(eps));
+  for (int64_t i = 0; i < n; ++i) acc[i] = std::sqrt(acc[i]);
   return acc;
 }
 
@@ -38,29 +41,30 @@ std::vector<int64_t> kept_columns(const T* mask, int64_t ns) {
   return cols;
 }
 
-// Support side packed: shat (C x K) = ŝ at the kept columns; scale_k = m_j / (|m_j| ||s_j|| + eps).
-template <typename T>
-void pack_support(const T* s, const T* mask, const std::vector<int64_t>& cols, int64_t c, int64_t ns, double eps,
-                  T* shat, T* scale) {
-  const int64_t k = cols.size();
-  std::vector<T> sq(ns, T(0));
-  for (int64_t ch = 0; ch < c; ++ch)
-    for (int64_t j = 0; j < ns; ++j) sq[j] += s[ch * ns + j] * s[ch * ns + j];
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const int64_t j = cols[kk];
-    const T m = mask ? mask[j] : T(1);
-    scale[kk] = m / (std::abs(m) * std::sqrt(sq[j]) + T(eps));
-  }
-  for (int64_t ch = 0; ch < c; ++ch)
-    for (int64_t kk = 0; kk < k; ++kk) shat[ch * k + kk] = s[ch * ns + cols[kk]] * scale[kk];
-}
-
-// The per-(batch, layer) prepared operands.
+// The per-(batch, layer) prepared operands: query norms n_i and 1 / (n_i + eps); the support at its K kept
+// columns: norms n_k = |m_j| ||s_j||, scales r_k = m_j / (n_k + eps) and Ŝ (C x K) = s_j r_k.
 template <typename T>
 struct Packed {
-  std::vector<T> inv_q, shat, scale;
+  std::vector<T> norm_q, inv_q, norm_s, scale, shat;
   std::vector<int64_t> cols;
 };
+
+template <typename T>
+void pack_support(const T* s, const T* mask, int64_t c, int64_t ns, double eps, Packed<T>& p) {
+  const int64_t k = p.cols.size();
+  const std::vector<T> n = col_norms(s, c, ns);
+  p.norm_s.resize(k);
+  p.scale.resize(k);
+  p.shat.resize(c * k);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t j = p.cols[kk];
+    const T m = mask ? mask[j] : T(1);
+    p.norm_s[kk] = std::abs(m) * n[j];
+    p.scale[kk] = m / (p.norm_s[kk] + T(eps));
+  }
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t kk = 0; kk < k; ++kk) p.shat[ch * k + kk] = s[ch * ns + p.cols[kk]] * p.scale[kk];
+}
 
 template <typename T>
 std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
@@ -74,11 +78,11 @@ std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::ve
     const int64_t c = qs[l].size(1);
     const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
     Packed<T>& p = packs[t];
-    p.inv_q = inv_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq, eps);
+    p.norm_q = col_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq);
+    p.inv_q.resize(nq);
+    for (int64_t i = 0; i < nq; ++i) p.inv_q[i] = T(1) / (p.norm_q[i] + T(eps));
     p.cols = kept_columns(m, ns);
-    p.shat.resize(c * p.cols.size());
-    p.scale.resize(p.cols.size());
-    pack_support(ss[l].data_ptr<T>() + b * c * ns, m, p.cols, c, ns, eps, p.shat.data(), p.scale.data());
+    pack_support(ss[l].data_ptr<T>() + b * c * ns, m, c, ns, eps, p);
   }
   return packs;
 }
@@ -132,17 +136,21 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
   }
 }
 
-// Backward of x̂ = x / (||x|| + eps) for one column: dx = (dx̂ - x̂ <x̂, dx̂> (n + eps) / n) / (n + eps),
-// with the second term zero at n = 0 (as torch's norm backward). `inv` = 1 / (n + eps).
+// Backward of x̂ = x / (n + eps), n = ||x||, for one column: dx = (dx̂ - x̂ c) / (n + eps) with
+// c = <x̂, dx̂> (n + eps) / n, and c = 0 at n = 0 (as torch's norm backward).
 template <typename T>
-inline T norm_back_coef(T dot, T inv, double eps) {
-  const T n = T(1) / inv - T(eps);
-  return n > T(0) ? dot / (n * inv) : T(0);  // <x̂, dx̂> (n + eps) / n
+inline T norm_back_coef(T dot, T n, double eps) {
+  return n > T(0) ? dot * (n + T(eps)) / n : T(0);
 }
 
+// Per (batch, layer): H (nq x K) = G at the open gates, dq̂ = Ŝ Hᵀ, dŝ = q̂ H, then through the
+// normalisations: dq = (dq̂ - q̂ c_q) / (n_q + eps), ds = m (dŝ - ŝ c_s) / (n_s + eps) = (dŝ - ŝ c_s) r.
+// The ReLU gate comes from the forward's output: open where out > 0, and on the rows and columns of
+// zero-norm q_i or m_j s_j, whose products are exactly 0, where clamp(min=0) passes the gradient.
 template <typename T>
-void backward_impl(const at::Tensor& grad, const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
-                   const at::Tensor& mask, double eps, std::vector<at::Tensor>& gqs, std::vector<at::Tensor>& gss) {
+void backward_impl(const at::Tensor& grad, const at::Tensor& out, const std::vector<at::Tensor>& qs,
+                   const std::vector<at::Tensor>& ss, const at::Tensor& mask, double eps, std::vector<at::Tensor>& gqs,
+                   std::vector<at::Tensor>& gss) {
   const int64_t nb = qs[0].size(0), nl = qs.size();
   const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
   const auto packs = pack_all<T>(qs, ss, mask, eps);
@@ -152,6 +160,7 @@ void backward_impl(const at::Tensor& grad, const std::vector<at::Tensor>& qs, co
       const int64_t c = qs[l].size(1), k = p.cols.size();
       const T* q = qs[l].data_ptr<T>() + b * c * nq;
       const T* g = grad.data_ptr<T>() + (b * nl + l) * nq * ns;
+      const T* o = out.data_ptr<T>() + (b * nl + l) * nq * ns;
       T* gq = gqs[l].data_ptr<T>() + b * c * nq;
       T* gs = gss[l].data_ptr<T>() + b * c * ns;
       std::fill(gs, gs + c * ns, T(0));
@@ -159,41 +168,35 @@ void backward_impl(const at::Tensor& grad, const std::vector<at::Tensor>& qs, co
         std::fill(gq, gq + c * nq, T(0));
         continue;
       }
-      // q̂ (C x nq); H (nq x K) = grad where q̂ᵀŝ > 0, else 0 (the ReLU gate, open at 0 like clamp).
       std::vector<T> qhat(c * nq), h(nq * k), dqhat(c * nq), dshat(c * k);
 #pragma omp parallel for
       for (int64_t ch = 0; ch < c; ++ch)
         for (int64_t i = 0; i < nq; ++i) qhat[ch * nq + i] = q[ch * nq + i] * p.inv_q[i];
-      gemm<T>(true, false, nq, k, c, T(1), qhat.data(), nq, p.shat.data(), k, T(0), h.data(), k);
 #pragma omp parallel for
-      for (int64_t i = 0; i < nq; ++i)
+      for (int64_t i = 0; i < nq; ++i) {
+        const bool open_row = p.norm_q[i] == T(0);
+        const T* oi = o + i * ns;
+        const T* gi = g + i * ns;
         for (int64_t kk = 0; kk < k; ++kk) {
-          T& hv = h[i * k + kk];
-          hv = hv >= T(0) ? g[i * ns + p.cols[kk]] : T(0);  // clamp passes the gradient at 0
+          const int64_t j = p.cols[kk];
+          h[i * k + kk] = (oi[j] > T(0) || open_row || p.norm_s[kk] == T(0)) ? gi[j] : T(0);
         }
-      // dq̂ = Ŝ Hᵀ (C x nq), dŝ = q̂ H (C x K)
+      }
       gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h.data(), k, T(0), dqhat.data(), nq);
       gemm<T>(false, false, c, k, nq, T(1), qhat.data(), nq, h.data(), k, T(0), dshat.data(), k);
-      // Through the normalisations (and the mask: ds = m ds').
-      std::vector<T> dot_q(nq, T(0)), dot_s(k, T(0));
+      std::vector<T> coef_q(nq, T(0)), coef_s(k, T(0));
       for (int64_t ch = 0; ch < c; ++ch) {
-        for (int64_t i = 0; i < nq; ++i) dot_q[i] += qhat[ch * nq + i] * dqhat[ch * nq + i];
-        for (int64_t kk = 0; kk < k; ++kk) dot_s[kk] += p.shat[ch * k + kk] * dshat[ch * k + kk];
+        for (int64_t i = 0; i < nq; ++i) coef_q[i] += qhat[ch * nq + i] * dqhat[ch * nq + i];
+        for (int64_t kk = 0; kk < k; ++kk) coef_s[kk] += p.shat[ch * k + kk] * dshat[ch * k + kk];
       }
-      std::vector<T> coef_q(nq), inv_s(k), coef_s(k), m_s(k);
-      for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(dot_q[i], p.inv_q[i], eps);
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const T m = mask.defined() ? mask.data_ptr<T>()[b * ns + p.cols[kk]] : T(1);
-        inv_s[kk] = p.scale[kk] / m;  // 1 / (||m s|| + eps); m != 0 for kept columns
-        coef_s[kk] = norm_back_coef(dot_s[kk], inv_s[kk], eps);
-        m_s[kk] = m;
-      }
+      for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(coef_q[i], p.norm_q[i], eps);
+      for (int64_t kk = 0; kk < k; ++kk) coef_s[kk] = norm_back_coef(coef_s[kk], p.norm_s[kk], eps);
 #pragma omp parallel for
       for (int64_t ch = 0; ch < c; ++ch) {
         for (int64_t i = 0; i < nq; ++i)
           gq[ch * nq + i] = (dqhat[ch * nq + i] - qhat[ch * nq + i] * coef_q[i]) * p.inv_q[i];
         for (int64_t kk = 0; kk < k; ++kk)
-          gs[ch * ns + p.cols[kk]] = m_s[kk] * (dshat[ch * k + kk] - p.shat[ch * k + kk] * coef_s[kk]) * inv_s[kk];
+          gs[ch * ns + p.cols[kk]] = (dshat[ch * k + kk] - p.shat[ch * k + kk] * coef_s[kk]) * p.scale[kk];
       }
     }
   }
@@ -261,19 +264,19 @@ at::Tensor stack_forward(at::TensorList query, at::TensorList support, const c10
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_backward(
-    const at::Tensor& grad_out, at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
-    double eps) {
+    const at::Tensor& grad_out, const at::Tensor& out, at::TensorList query, at::TensorList support,
+    const c10::optional<at::Tensor>& mask, double eps) {
   const StackInputs in(query, support, mask);
-  const auto g = grad_out.to(in.cdt).contiguous();
-  TORCH_CHECK(g.numel() == c10::multiply_integers(in.out_sizes),
-              "correlation backward: grad_out has the wrong size");
+  const auto g = grad_out.to(in.cdt).contiguous(), o = out.to(in.cdt).contiguous();
+  const int64_t numel = c10::multiply_integers(in.out_sizes);
+  TORCH_CHECK(g.numel() == numel && o.numel() == numel, "correlation backward: grad_out or out has the wrong size");
   std::vector<at::Tensor> gq, gs;
   for (size_t l = 0; l < in.qs.size(); ++l) {
     gq.push_back(at::empty_like(in.qs[l]));
     gs.push_back(at::empty_like(in.ss[l]));
   }
   AT_DISPATCH_FLOATING_TYPES(in.cdt, "tlg_correlation_backward",
-                             [&] { backward_impl<scalar_t>(g, in.qs, in.ss, in.mask, eps, gq, gs); });
+                             [&] { backward_impl<scalar_t>(g, o, in.qs, in.ss, in.mask, eps, gq, gs); });
   for (size_t l = 0; l < in.qs.size(); ++l) {
     gq[l] = gq[l].to(in.dtype);
     gs[l] = gs[l].to(in.dtype);
@@ -286,10 +289,10 @@ at::Tensor correlation_forward(const at::Tensor& query, const at::Tensor& suppor
   return stack_forward({query}, {support}, mask, eps).squeeze(1);
 }
 
-std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& query,
-                                                        const at::Tensor& support,
+std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                                        const at::Tensor& query, const at::Tensor& support,
                                                         const c10::optional<at::Tensor>& mask, double eps) {
-  auto [gq, gs] = stack_backward(grad_out, {query}, {support}, mask, eps);
+  auto [gq, gs] = stack_backward(grad_out, out, {query}, {support}, mask, eps);
   return {gq[0], gs[0]};
 }
 
