@@ -19,15 +19,25 @@
 namespace tlg_cpu {
 namespace {
 
+// d_i = <x_i, y_i> for the n columns of x, y (C x n); column blocks spread over the threads.
+template <typename T>
+std::vector<T> col_dots(const T* x, const T* y, int64_t c, int64_t n) {
+  constexpr int64_t kCols = 256;
+  std::vector<T> acc(n, T(0));
+#pragma omp parallel for
+  for (int64_t i0 = 0; i0 < n; i0 += kCols) {
+    const int64_t i1 = std::min(n, i0 + kCols);
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t i = i0; i < i1; ++i) acc[i] += x[ch * n + i] * y[ch * n + i];
+  }
+  return acc;
+}
+
 // n_i = ||x_i|| for the n columns of x (C x n).
 template <typename T>
 std::vector<T> col_norms(const T* x, int64_t c, int64_t n) {
-  std::vector<T> acc(n, T(0));
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const T* row = x + ch * n;
-    for (int64_t i = 0; i < n; ++i) acc[i] += row[i] * row[i];
-  }
-  for (int64_t i = 0; i < n; ++i) acc[i] = std::sqrt(acc[i]);
+  std::vector<T> acc = col_dots(x, x, c, n);
+  for (T& v : acc) v = std::sqrt(v);
   return acc;
 }
 
@@ -72,17 +82,21 @@ std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::ve
   const int64_t nb = qs[0].size(0), nl = qs.size();
   const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
   std::vector<Packed<T>> packs(nb * nl);
+  // Two tasks per (batch, layer): its query side and its support side.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < nb * nl; ++t) {
-    const int64_t b = t / nl, l = t % nl;
+  for (int64_t t = 0; t < 2 * nb * nl; ++t) {
+    const int64_t bl = t / 2, b = bl / nl, l = bl % nl;
     const int64_t c = qs[l].size(1);
-    const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
-    Packed<T>& p = packs[t];
-    p.norm_q = col_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq);
-    p.inv_q.resize(nq);
-    for (int64_t i = 0; i < nq; ++i) p.inv_q[i] = T(1) / (p.norm_q[i] + T(eps));
-    p.cols = kept_columns(m, ns);
-    pack_support(ss[l].data_ptr<T>() + b * c * ns, m, c, ns, eps, p);
+    Packed<T>& p = packs[bl];
+    if (t % 2 == 0) {
+      p.norm_q = col_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq);
+      p.inv_q.resize(nq);
+      for (int64_t i = 0; i < nq; ++i) p.inv_q[i] = T(1) / (p.norm_q[i] + T(eps));
+    } else {
+      const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
+      p.cols = kept_columns(m, ns);
+      pack_support(ss[l].data_ptr<T>() + b * c * ns, m, c, ns, eps, p);
+    }
   }
   return packs;
 }
@@ -143,6 +157,18 @@ inline T norm_back_coef(T dot, T n, double eps) {
   return n > T(0) ? dot * (n + T(eps)) / n : T(0);
 }
 
+// Row i of H (1 x K) = G at the open gates: out > 0, or a zero-norm q_i (open_row) or support column.
+// Direct: every support column kept (cols[kk] == kk), so the loads are contiguous and the loop vectorises.
+template <typename T, bool Direct>
+void gate_row(const T* g, const T* o, const Packed<T>& p, bool open_row, T* h) {
+  const int64_t k = p.cols.size();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t j = Direct ? kk : p.cols[kk];
+    const T gv = g[j];
+    h[kk] = ((o[j] > T(0)) | open_row | (p.norm_s[kk] == T(0))) ? gv : T(0);
+  }
+}
+
 // Per (batch, layer): H (nq x K) = G at the open gates, dq̂ = Ŝ Hᵀ, dŝ = q̂ H, then through the
 // normalisations: dq = (dq̂ - q̂ c_q) / (n_q + eps), ds = m (dŝ - ŝ c_s) / (n_s + eps) = (dŝ - ŝ c_s) r.
 // The ReLU gate comes from the forward's output: open where out > 0, and on the rows and columns of
@@ -154,6 +180,14 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& out, const std::vec
   const int64_t nb = qs[0].size(0), nl = qs.size();
   const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
   const auto packs = pack_all<T>(qs, ss, mask, eps);
+  int64_t c_max = 0;
+  for (const auto& q : qs) c_max = std::max(c_max, q.size(1));
+  // Scratch for every (batch, layer), uninitialised: q̂, dq̂ (C x nq), H (nq x K), dŝ (C x K).
+  const auto scratch = [&](int64_t n) { return at::empty({n}, grad.options()); };
+  const at::Tensor qhat_t = scratch(c_max * nq), dqhat_t = scratch(c_max * nq), h_t = scratch(nq * ns),
+                   dshat_t = scratch(c_max * ns);
+  T *const qhat = qhat_t.data_ptr<T>(), *const dqhat = dqhat_t.data_ptr<T>(), *const h = h_t.data_ptr<T>(),
+           *const dshat = dshat_t.data_ptr<T>();
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t l = 0; l < nl; ++l) {
       const Packed<T>& p = packs[b * nl + l];
@@ -163,32 +197,25 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& out, const std::vec
       const T* o = out.data_ptr<T>() + (b * nl + l) * nq * ns;
       T* gq = gqs[l].data_ptr<T>() + b * c * nq;
       T* gs = gss[l].data_ptr<T>() + b * c * ns;
-      std::fill(gs, gs + c * ns, T(0));
+      if (k < ns) std::fill(gs, gs + c * ns, T(0));
       if (k == 0) {
         std::fill(gq, gq + c * nq, T(0));
         continue;
       }
-      std::vector<T> qhat(c * nq), h(nq * k), dqhat(c * nq), dshat(c * k);
 #pragma omp parallel for
       for (int64_t ch = 0; ch < c; ++ch)
         for (int64_t i = 0; i < nq; ++i) qhat[ch * nq + i] = q[ch * nq + i] * p.inv_q[i];
 #pragma omp parallel for
       for (int64_t i = 0; i < nq; ++i) {
         const bool open_row = p.norm_q[i] == T(0);
-        const T* oi = o + i * ns;
-        const T* gi = g + i * ns;
-        for (int64_t kk = 0; kk < k; ++kk) {
-          const int64_t j = p.cols[kk];
-          h[i * k + kk] = (oi[j] > T(0) || open_row || p.norm_s[kk] == T(0)) ? gi[j] : T(0);
-        }
+        if (k == ns)
+          gate_row<T, true>(g + i * ns, o + i * ns, p, open_row, h + i * k);
+        else
+          gate_row<T, false>(g + i * ns, o + i * ns, p, open_row, h + i * k);
       }
-      gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h.data(), k, T(0), dqhat.data(), nq);
-      gemm<T>(false, false, c, k, nq, T(1), qhat.data(), nq, h.data(), k, T(0), dshat.data(), k);
-      std::vector<T> coef_q(nq, T(0)), coef_s(k, T(0));
-      for (int64_t ch = 0; ch < c; ++ch) {
-        for (int64_t i = 0; i < nq; ++i) coef_q[i] += qhat[ch * nq + i] * dqhat[ch * nq + i];
-        for (int64_t kk = 0; kk < k; ++kk) coef_s[kk] += p.shat[ch * k + kk] * dshat[ch * k + kk];
-      }
+      gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h, k, T(0), dqhat, nq);
+      gemm<T>(false, false, c, k, nq, T(1), qhat, nq, h, k, T(0), dshat, k);
+      std::vector<T> coef_q = col_dots(qhat, dqhat, c, nq), coef_s = col_dots(p.shat.data(), dshat, c, k);
       for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(coef_q[i], p.norm_q[i], eps);
       for (int64_t kk = 0; kk < k; ++kk) coef_s[kk] = norm_back_coef(coef_s[kk], p.norm_s[kk], eps);
 #pragma omp parallel for
