@@ -9,12 +9,14 @@
 TORCH_LIBRARY(tlg, m) {
   // (B,C,Hq,Wq), (B,C,Hs,Ws), (B,Hs,Ws)? -> (B,Hq,Wq,Hs,Ws)
   m.def("correlation_forward(Tensor query, Tensor support, Tensor? support_mask, float eps) -> Tensor");
-  m.def("correlation_backward(Tensor grad_out, Tensor query, Tensor support, Tensor? support_mask, float eps)"
-        " -> (Tensor grad_query, Tensor grad_support)");
+  // `out` is the forward's result. The ReLU gate is read from it, not recomputed: open where out > 0 or where
+  // q_i or m_j s_j has zero norm (products exactly 0, where the reference's clamp passes the gradient).
+  m.def("correlation_backward(Tensor grad_out, Tensor out, Tensor query, Tensor support, Tensor? support_mask,"
+        " float eps) -> (Tensor grad_query, Tensor grad_support)");
   // Layers of equal sizes written straight into the stacked layout: L x (B,C_l,Hq,Wq) -> (B,L,Hq,Wq,Hs,Ws).
   m.def("correlation_stack_forward(Tensor[] query, Tensor[] support, Tensor? support_mask, float eps) -> Tensor");
-  m.def("correlation_stack_backward(Tensor grad_out, Tensor[] query, Tensor[] support, Tensor? support_mask, float eps)"
-        " -> (Tensor[] grad_query, Tensor[] grad_support)");
+  m.def("correlation_stack_backward(Tensor grad_out, Tensor out, Tensor[] query, Tensor[] support,"
+        " Tensor? support_mask, float eps) -> (Tensor[] grad_query, Tensor[] grad_support)");
   // (B,Cin,Ha,Wa,Hb,Wb) -> (B,Cout,Ha,Wa,ceil(Hb/s),ceil(Wb/s)); odd kernels, padding k//2.
   m.def("cp_conv4d_forward(Tensor x, Tensor weight_q, Tensor? bias_q, Tensor weight_s, Tensor? bias_s, int stride)"
         " -> Tensor");

@@ -45,6 +45,7 @@ def _mask(kind, b, h, w, dtype):
 def test_correlation_matches_reference(dtype, mask):
     b, c, hq, wq, hs, ws = 2, 5, 13, 7, 6, 25
     q = _noncontig(torch.randn(b, c, hq, wq, dtype=dtype))
+    q[1, :, 2, 3] = 0  # a zero-norm query position: products exactly 0, the ReLU gate open as clamp's
     s = torch.randn(b, c, hs, ws, dtype=dtype)
     s[:, :, 0, 0] = 0  # a zero-norm support position
     m = _mask("partial", b, 9, 11, dtype) if mask == "resized" else _mask(mask, b, hs, ws, dtype)

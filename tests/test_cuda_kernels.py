@@ -70,7 +70,7 @@ def _resource_table(log: str) -> str:
     lines = []
     for (_, arch, regs, smem, spill), full in zip(rows, pretty):
         short = full.replace("tlg_cuda::(anonymous namespace)::", "")
-        for k, epi in enumerate(("Relu", "GradGate", "Plain")):
+        for k, epi in enumerate(("Relu", "Plain")):
             short = short.replace(f"(Epi){k}", f"Epi::{epi}")
         short = re.sub(r"\(.*$", "", short)  # drop the parameter list
         lines.append(f"{arch}  regs {regs:3d}  smem {smem:6d} B  {spill:18s} {short}")
@@ -208,7 +208,8 @@ def _cases(cases, half_case):
 
 # ---- correlation ----
 def emu_correlation(lib, q, s, mask, eps, grad_out=None, out=None):
-    """Forward (into `out`, which may be a strided layer view of a stacked volume), or backward."""
+    """Forward (into `out`, which may be a strided layer view of a stacked volume), or backward (given
+    `grad_out` and the forward's `out`, laid out alike)."""
     b, c, hq, wq = q.shape
     hs, ws = s.shape[-2:]
     pq, ps = hq * wq, hs * ws
@@ -221,8 +222,9 @@ def emu_correlation(lib, q, s, mask, eps, grad_out=None, out=None):
                                          ctypes.c_double(eps), ctypes.c_int64(out.stride(0)))
         assert rc == 0
         return out
+    assert out.stride() == grad_out.stride()
     gq, gs = torch.full_like(q, float("nan")), torch.full_like(s, float("nan"))
-    rc = lib.emu_correlation_backward(dt, _p(grad_out), _p(q), _p(s), _p(mask), _p(gq), _p(gs), _p(work),
+    rc = lib.emu_correlation_backward(dt, _p(grad_out), _p(out), _p(q), _p(s), _p(mask), _p(gq), _p(gs), _p(work),
                                       *_i(b, c, pq, ps), ctypes.c_double(eps), ctypes.c_int64(grad_out.stride(0)))
     assert rc == 0
     return gq, gs
@@ -257,7 +259,7 @@ def test_correlation_emulated(emu, case, dtype):
     qr, sr = q.clone().requires_grad_(), s.clone().requires_grad_()
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
     ref.correlation(qr, sr, mask, eps).backward(grad_out)
-    gq, gs = emu_correlation(emu, q, s, mask, eps, grad_out)
+    gq, gs = emu_correlation(emu, q, s, mask, eps, grad_out, out)
     torch.testing.assert_close(gq, qr.grad, **_tols(dtype))
     torch.testing.assert_close(gs, sr.grad, **_tols(dtype))
 
@@ -280,7 +282,7 @@ def test_correlation_stacked_emulated(emu, dtype):
     for l_, (q, s) in enumerate(zip(qs, ss)):
         qr, sr = q.clone().requires_grad_(), s.clone().requires_grad_()
         ref.correlation(qr, sr, mask).backward(grad[:, l_])
-        gq, gs = emu_correlation(emu, q, s, mask, 1e-5, grad_out=grad[:, l_])
+        gq, gs = emu_correlation(emu, q, s, mask, 1e-5, grad_out=grad[:, l_], out=out[:, l_])
         torch.testing.assert_close(gq, qr.grad, **_tols(dtype))
         torch.testing.assert_close(gs, sr.grad, **_tols(dtype))
 

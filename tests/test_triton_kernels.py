@@ -65,10 +65,12 @@ def _opcheck_cases():
     uniform = lambda b, n: torch.full((b, n), 1.0 / n, device=DEVICE)  # noqa: E731
     return {
         "correlation_forward": (grad(r(1, 16, 3, 2)), grad(r(1, 16, 2, 3)), torch.rand(1, 2, 3, device=DEVICE), 1e-5),
-        "correlation_backward": (r(1, 3, 2, 2, 3), r(1, 16, 3, 2), r(1, 16, 2, 3), None, 1e-5),
+        "correlation_backward": (r(1, 3, 2, 2, 3), r(1, 3, 2, 2, 3).relu(), r(1, 16, 3, 2), r(1, 16, 2, 3), None,
+                                 1e-5),
         "correlation_stack_forward": ([grad(r(1, 16, 3, 2)), grad(r(1, 8, 3, 2))], [grad(r(1, 16, 2, 3)),
                                       grad(r(1, 8, 2, 3))], None, 1e-5),
-        "correlation_stack_backward": (r(1, 2, 3, 2, 2, 3), [r(1, 16, 3, 2)] * 2, [r(1, 16, 2, 3)] * 2, None, 1e-5),
+        "correlation_stack_backward": (r(1, 2, 3, 2, 2, 3), r(1, 2, 3, 2, 2, 3).relu(), [r(1, 16, 3, 2)] * 2,
+                                       [r(1, 16, 2, 3)] * 2, None, 1e-5),
         "cp_conv4d_forward": (grad(r(1, 2, 3, 2, 3, 3)), grad(r(2, 2, 3, 3)), grad(r(2)), grad(r(2, 2, 3, 3)), None, 2),
         "cp_conv4d_backward": (r(1, 2, 3, 2, 2, 2), r(1, 2, 3, 2, 3, 3), r(2, 2, 3, 3), r(2, 2, 3, 3), 2,
                                [True, False, True]),

@@ -27,8 +27,8 @@ TL = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # configs when the kernel is autotuned)
 CASES = [
     ("corr.scale", corr._scale_kernel, dict(x_ptr="x"), dict(HAS_MASK=True, BLOCK_C=32, BLOCK_P=128)),
-    ("corr.forward", corr._corr_kernel, dict(q_ptr="x", s_ptr="x", out_ptr="x"), dict(GRAD=False)),
-    ("corr.grad_epilogue", corr._corr_kernel, dict(q_ptr="x", s_ptr="x", g_ptr="x"), dict(GRAD=True)),
+    ("corr.forward", corr._corr_kernel, dict(q_ptr="x", s_ptr="x", out_ptr="x"), {}),
+    ("corr.gate", corr._gate_kernel, dict(g_ptr="x", c_ptr="x"), dict(BLOCK_M=64, BLOCK_N=64)),
     ("corr.grad_gemm", corr._grad_kernel, dict(x_ptr="x", y_ptr="x", out_ptr="x"), {}),
     ("conv.forward", conv._forward_kernel, dict(x_ptr="x", w_ptr="x", y_ptr="x"),
      dict(HAS_BIAS=True, S=2, KQ=5, KS=3)),

@@ -9,9 +9,11 @@ the normalisation folded into its epilogue:
 
 written straight into the (B, Hq, Wq, Hs, Ws) layout (or any view with that inner layout, e.g.
 one layer of a stacked volume). Support tiles whose scales are all zero (masked out) skip the
-channel loop. Backward: with the clamp's gradient mask
-:math:`G = \partial L/\partial C\,[r^q_i r^s_j \langle q_i, s_j\rangle \ge 0]` (passing at 0, as torch's clamp does),
-:math:`H_{ij} = G_{ij} r^q_i r^s_j` and :math:`\rho_i = \sum_j G_{ij} C_{ij}`, :math:`\gamma_j = \sum_i G_{ij} C_{ij}`,
+channel loop. Backward: the ReLU gate is read from the forward's output, not recomputed. With
+:math:`G = \partial L/\partial C\,[C_{ij} > 0 \lor n^q_i = 0 \lor n^s_j = 0]` (the norms
+:math:`n^q_i = \lVert q_i\rVert`, :math:`n^s_j = \lVert m_j s_j\rVert`: a zero-norm vector's products are
+exactly 0, where torch's clamp passes the gradient), :math:`H_{ij} = G_{ij} r^q_i r^s_j` and
+:math:`\rho_i = \sum_j G_{ij} C_{ij}`, :math:`\gamma_j = \sum_i G_{ij} C_{ij}` (one elementwise pass, then two GEMMs),
 
 .. math::
     \partial L/\partial q_i = \sum_j H_{ij} s_j - q_i\, r^q_i \rho_i/\lVert q_i\rVert,\qquad
@@ -54,15 +56,12 @@ def _scale_kernel(x_ptr, m_ptr, scale_ptr, norm_ptr, C, P, sxb, sxc, eps,
     tl.store(scale_ptr + b * P + offs_p, scale, mask=pmask)
 
 
-# the GRAD variant accumulates rho/gamma atomically: the autotuner zeroes them between trial runs
-@triton.autotune(configs=gemm_configs(32, 32, 32), key=["C", "PQ", "PS", "GRAD"],
-                 reset_to_zero=["rowdot_ptr", "coldot_ptr"])
+@triton.autotune(configs=gemm_configs(32, 32, 32), key=["C", "PQ", "PS"])
 @triton.jit
-def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, g_ptr, rowdot_ptr, coldot_ptr,
-                 C, PQ, PS, sqb, ssb, sob,
-                 GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, C, PQ, PS, sqb, ssb, sob,
+                 DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Forward: out = relu(rq_i rs_j <q_i, s_j>).  GRAD: out = H, and rho/gamma accumulated."""
+    """out = relu(rq_i rs_j <q_i, s_j>)."""
     pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,16 +81,31 @@ def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, g_ptr, rowdot_ptr, coldo
         acc = tl.dot(a, s, acc, input_precision=DOT_PRECISION)
     val = acc * rq[:, None] * rs[None, :]
     offs = b * sob + offs_m[:, None] * PS + offs_n[None, :]
+    tl.store(out_ptr + offs, tl.maximum(val, 0.0).to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _gate_kernel(g_ptr, c_ptr, rq_ptr, rs_ptr, nq_ptr, ns_ptr, h_ptr, rowdot_ptr, coldot_ptr, PQ, PS,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """H = G [C > 0 or nq_i = 0 or ns_j = 0] rq_i rs_j;  rho_i += sum_j G C,  gamma_j += sum_i G C  (atomics)."""
+    pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = offs_m < PQ, offs_n < PS
+    rq = tl.load(rq_ptr + b * PQ + offs_m, mask=mmask, other=0.0)
+    rs = tl.load(rs_ptr + b * PS + offs_n, mask=nmask, other=0.0)
+    nq = tl.load(nq_ptr + b * PQ + offs_m, mask=mmask, other=1.0)
+    ns = tl.load(ns_ptr + b * PS + offs_n, mask=nmask, other=1.0)
+    offs = b * PQ * PS + offs_m[:, None] * PS + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if GRAD:
-        g = tl.load(g_ptr + offs, mask=omask, other=0.0).to(tl.float32)
-        g = tl.where(val >= 0, g, 0.0)  # clamp(min=0) passes the gradient at 0, as the reference
-        tl.store(out_ptr + offs, g * rq[:, None] * rs[None, :], mask=omask)
-        gv = g * val
-        tl.atomic_add(rowdot_ptr + b * PQ + offs_m, tl.sum(gv, axis=1), mask=mmask)
-        tl.atomic_add(coldot_ptr + b * PS + offs_n, tl.sum(gv, axis=0), mask=nmask)
-    else:
-        tl.store(out_ptr + offs, tl.maximum(val, 0.0).to(out_ptr.dtype.element_ty), mask=omask)
+    g = tl.load(g_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+    gate = (c > 0) | (nq[:, None] == 0) | (ns[None, :] == 0)
+    tl.store(h_ptr + offs, tl.where(gate, g, 0.0) * rq[:, None] * rs[None, :], mask=omask)
+    gc = g * c  # the gate is open wherever C > 0
+    tl.atomic_add(rowdot_ptr + b * PQ + offs_m, tl.sum(gc, axis=1), mask=mmask)
+    tl.atomic_add(coldot_ptr + b * PS + offs_n, tl.sum(gc, axis=0), mask=nmask)
 
 
 @triton.autotune(configs=gemm_configs(32, 32, 32), key=["C", "P", "K", "shk"])
@@ -161,19 +175,18 @@ def correlation_forward(query: torch.Tensor, support: torch.Tensor, support_mask
                          f"{tuple(out.shape)} and strides {out.stride()}")
     rq, _ = _scales(query, None, eps)
     rs, _ = _scales(support, mask, eps)
-    unused = rq.new_zeros(1)  # the GRAD-only arguments
     _corr_kernel[_grid(hq * wq, hs * ws, b)](
-        query, support, rq, rs, out, unused, unused, unused, c, hq * wq, hs * ws,
-        query.stride(0), support.stride(0), out.stride(0),
-        GRAD=False, DOT_PRECISION=fp32_dot_precision())
+        query, support, rq, rs, out, c, hq * wq, hs * ws, query.stride(0), support.stride(0), out.stride(0),
+        DOT_PRECISION=fp32_dot_precision())
     return out
 
 
-def correlation_backward(grad_out: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
+def correlation_backward(grad_out: torch.Tensor, out: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
                          support_mask: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients with respect to query and support (none flows into the mask)."""
+    """Gradients with respect to query and support (none flows into the mask); ``out`` is the forward's
+    result, whose positive entries open the ReLU gate."""
     query, support, mask = _prepare(query, support, support_mask)
-    grad_out = grad_out.contiguous()
+    grad_out, out = grad_out.contiguous(), out.contiguous()
     b, c, hq, wq = query.shape
     hs, ws = support.shape[-2:]
     pq, ps = hq * wq, hs * ws
@@ -182,9 +195,10 @@ def correlation_backward(grad_out: torch.Tensor, query: torch.Tensor, support: t
     h = torch.empty((b, pq, ps), dtype=torch.float32, device=query.device)
     rho = torch.zeros_like(rq)
     gamma = torch.zeros_like(rs)
+    block = 16 if INTERPRET else 64
+    _gate_kernel[(triton.cdiv(pq, block), triton.cdiv(ps, block), b)](
+        grad_out, out, rq, rs, nq, ns, h, rho, gamma, pq, ps, BLOCK_M=block, BLOCK_N=block)
     prec = fp32_dot_precision()
-    _corr_kernel[_grid(pq, ps, b)](query, support, rq, rs, h, grad_out, rho, gamma, c, pq, ps,
-                                   query.stride(0), support.stride(0), pq * ps, GRAD=True, DOT_PRECISION=prec)
     m = 1.0 if mask is None else mask.reshape(b, ps)
     coef_q = torch.where(nq > 0, rq * rho / nq.clamp_min(1e-30), torch.zeros_like(nq))
     coef_s = torch.where(ns > 0, m * rs * gamma / ns.clamp_min(1e-30), torch.zeros_like(ns))
@@ -208,10 +222,10 @@ def correlation_stack_forward(queries: Sequence[torch.Tensor], supports: Sequenc
     return out
 
 
-def correlation_stack_backward(grad_out: torch.Tensor, queries: Sequence[torch.Tensor],
+def correlation_stack_backward(grad_out: torch.Tensor, out: torch.Tensor, queries: Sequence[torch.Tensor],
                                supports: Sequence[torch.Tensor], support_mask: Optional[torch.Tensor],
                                eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer gradients of :func:`correlation_stack_forward`."""
-    grads = [correlation_backward(grad_out[:, layer], q, s, support_mask, eps)
+    """Per-layer gradients of :func:`correlation_stack_forward` (``out`` its stacked result)."""
+    grads = [correlation_backward(grad_out[:, layer], out[:, layer], q, s, support_mask, eps)
              for layer, (q, s) in enumerate(zip(queries, supports))]
     return [g for g, _ in grads], [g for _, g in grads]

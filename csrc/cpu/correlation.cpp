@@ -8,6 +8,9 @@
 // buffer when positions were skipped or the output is half precision), and the epilogue scales by
 // 1/(||q_i|| + eps), applies the ReLU and scatters in place while the block is still in cache.
 // The stacked op writes layer l of (B, L, Hq, Wq, Hs, Ws) the same way; nothing is copied afterwards.
+//
+// Backward: the ReLU gate is read from the forward's output (saved by autograd), not recomputed, which
+// leaves two GEMMs per (batch, layer): dq̂ = Ŝ Hᵀ and dŝ = q̂ H (see backward_impl).
 #include "common.h"
 
 #include <cmath>
@@ -16,15 +19,25 @@
 namespace tlg_cpu {
 namespace {
 
-// Query side: 1 / (||q_i|| + eps) for the nq columns of q (C x nq).
+// d_i = <x_i, y_i> for the n columns of x, y (C x n); column blocks spread over the threads.
 template <typename T>
-std::vector<T> inv_norms(const T* q, int64_t c, int64_t nq, double eps) {
-  std::vector<T> acc(nq, T(0));
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const T* row = q + ch * nq;
-    for (int64_t i = 0; i < nq; ++i) acc[i] += row[i] * row[i];
+std::vector<T> col_dots(const T* x, const T* y, int64_t c, int64_t n) {
+  constexpr int64_t kCols = 256;
+  std::vector<T> acc(n, T(0));
+#pragma omp parallel for
+  for (int64_t i0 = 0; i0 < n; i0 += kCols) {
+    const int64_t i1 = std::min(n, i0 + kCols);
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t i = i0; i < i1; ++i) acc[i] += x[ch * n + i] * y[ch * n + i];
   }
-  for (int64_t i = 0; i < nq; ++i) acc[i] = T(1) / (std::sqrt(acc[i]) + T(eps));
+  return acc;
+}
+
+// n_i = ||x_i|| for the n columns of x (C x n).
+template <typename T>
+std::vector<T> col_norms(const T* x, int64_t c, int64_t n) {
+  std::vector<T> acc = col_dots(x, x, c, n);
+  for (T& v : acc) v = std::sqrt(v);
   return acc;
 }
 
@@ -38,29 +51,30 @@ std::vector<int64_t> kept_columns(const T* mask, int64_t ns) {
   return cols;
 }
 
-// Support side packed: shat (C x K) = ŝ at the kept columns; scale_k = m_j / (|m_j| ||s_j|| + eps).
-template <typename T>
-void pack_support(const T* s, const T* mask, const std::vector<int64_t>& cols, int64_t c, int64_t ns, double eps,
-                  T* shat, T* scale) {
-  const int64_t k = cols.size();
-  std::vector<T> sq(ns, T(0));
-  for (int64_t ch = 0; ch < c; ++ch)
-    for (int64_t j = 0; j < ns; ++j) sq[j] += s[ch * ns + j] * s[ch * ns + j];
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const int64_t j = cols[kk];
-    const T m = mask ? mask[j] : T(1);
-    scale[kk] = m / (std::abs(m) * std::sqrt(sq[j]) + T(eps));
-  }
-  for (int64_t ch = 0; ch < c; ++ch)
-    for (int64_t kk = 0; kk < k; ++kk) shat[ch * k + kk] = s[ch * ns + cols[kk]] * scale[kk];
-}
-
-// The per-(batch, layer) prepared operands.
+// The per-(batch, layer) prepared operands: query norms n_i and 1 / (n_i + eps); the support at its K kept
+// columns: norms n_k = |m_j| ||s_j||, scales r_k = m_j / (n_k + eps) and Ŝ (C x K) = s_j r_k.
 template <typename T>
 struct Packed {
-  std::vector<T> inv_q, shat, scale;
+  std::vector<T> norm_q, inv_q, norm_s, scale, shat;
   std::vector<int64_t> cols;
 };
+
+template <typename T>
+void pack_support(const T* s, const T* mask, int64_t c, int64_t ns, double eps, Packed<T>& p) {
+  const int64_t k = p.cols.size();
+  const std::vector<T> n = col_norms(s, c, ns);
+  p.norm_s.resize(k);
+  p.scale.resize(k);
+  p.shat.resize(c * k);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t j = p.cols[kk];
+    const T m = mask ? mask[j] : T(1);
+    p.norm_s[kk] = std::abs(m) * n[j];
+    p.scale[kk] = m / (p.norm_s[kk] + T(eps));
+  }
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t kk = 0; kk < k; ++kk) p.shat[ch * k + kk] = s[ch * ns + p.cols[kk]] * p.scale[kk];
+}
 
 template <typename T>
 std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
@@ -68,17 +82,21 @@ std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::ve
   const int64_t nb = qs[0].size(0), nl = qs.size();
   const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
   std::vector<Packed<T>> packs(nb * nl);
+  // Two tasks per (batch, layer): its query side and its support side.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t t = 0; t < nb * nl; ++t) {
-    const int64_t b = t / nl, l = t % nl;
+  for (int64_t t = 0; t < 2 * nb * nl; ++t) {
+    const int64_t bl = t / 2, b = bl / nl, l = bl % nl;
     const int64_t c = qs[l].size(1);
-    const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
-    Packed<T>& p = packs[t];
-    p.inv_q = inv_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq, eps);
-    p.cols = kept_columns(m, ns);
-    p.shat.resize(c * p.cols.size());
-    p.scale.resize(p.cols.size());
-    pack_support(ss[l].data_ptr<T>() + b * c * ns, m, p.cols, c, ns, eps, p.shat.data(), p.scale.data());
+    Packed<T>& p = packs[bl];
+    if (t % 2 == 0) {
+      p.norm_q = col_norms(qs[l].data_ptr<T>() + b * c * nq, c, nq);
+      p.inv_q.resize(nq);
+      for (int64_t i = 0; i < nq; ++i) p.inv_q[i] = T(1) / (p.norm_q[i] + T(eps));
+    } else {
+      const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
+      p.cols = kept_columns(m, ns);
+      pack_support(ss[l].data_ptr<T>() + b * c * ns, m, c, ns, eps, p);
+    }
   }
   return packs;
 }
@@ -132,68 +150,80 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
   }
 }
 
-// Backward of x̂ = x / (||x|| + eps) for one column: dx = (dx̂ - x̂ <x̂, dx̂> (n + eps) / n) / (n + eps),
-// with the second term zero at n = 0 (as torch's norm backward). `inv` = 1 / (n + eps).
+// Backward of x̂ = x / (n + eps), n = ||x||, for one column: dx = (dx̂ - x̂ c) / (n + eps) with
+// c = <x̂, dx̂> (n + eps) / n, and c = 0 at n = 0 (as torch's norm backward).
 template <typename T>
-inline T norm_back_coef(T dot, T inv, double eps) {
-  const T n = T(1) / inv - T(eps);
-  return n > T(0) ? dot / (n * inv) : T(0);  // <x̂, dx̂> (n + eps) / n
+inline T norm_back_coef(T dot, T n, double eps) {
+  return n > T(0) ? dot * (n + T(eps)) / n : T(0);
 }
 
+// Row i of H (1 x K) = G at the open gates: out > 0, or a zero-norm q_i (open_row) or support column.
+// Direct: every support column kept (cols[kk] == kk), so the loads are contiguous and the loop vectorises.
+template <typename T, bool Direct>
+void gate_row(const T* g, const T* o, const Packed<T>& p, bool open_row, T* h) {
+  const int64_t k = p.cols.size();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t j = Direct ? kk : p.cols[kk];
+    const T gv = g[j];
+    h[kk] = ((o[j] > T(0)) | open_row | (p.norm_s[kk] == T(0))) ? gv : T(0);
+  }
+}
+
+// Per (batch, layer): H (nq x K) = G at the open gates, dq̂ = Ŝ Hᵀ, dŝ = q̂ H, then through the
+// normalisations: dq = (dq̂ - q̂ c_q) / (n_q + eps), ds = m (dŝ - ŝ c_s) / (n_s + eps) = (dŝ - ŝ c_s) r.
+// The ReLU gate comes from the forward's output: open where out > 0, and on the rows and columns of
+// zero-norm q_i or m_j s_j, whose products are exactly 0, where clamp(min=0) passes the gradient.
 template <typename T>
-void backward_impl(const at::Tensor& grad, const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ss,
-                   const at::Tensor& mask, double eps, std::vector<at::Tensor>& gqs, std::vector<at::Tensor>& gss) {
+void backward_impl(const at::Tensor& grad, const at::Tensor& out, const std::vector<at::Tensor>& qs,
+                   const std::vector<at::Tensor>& ss, const at::Tensor& mask, double eps, std::vector<at::Tensor>& gqs,
+                   std::vector<at::Tensor>& gss) {
   const int64_t nb = qs[0].size(0), nl = qs.size();
   const int64_t nq = qs[0].size(2) * qs[0].size(3), ns = ss[0].size(2) * ss[0].size(3);
   const auto packs = pack_all<T>(qs, ss, mask, eps);
+  int64_t c_max = 0;
+  for (const auto& q : qs) c_max = std::max(c_max, q.size(1));
+  // Scratch for every (batch, layer), uninitialised: q̂, dq̂ (C x nq), H (nq x K), dŝ (C x K).
+  const auto scratch = [&](int64_t n) { return at::empty({n}, grad.options()); };
+  const at::Tensor qhat_t = scratch(c_max * nq), dqhat_t = scratch(c_max * nq), h_t = scratch(nq * ns),
+                   dshat_t = scratch(c_max * ns);
+  T *const qhat = qhat_t.data_ptr<T>(), *const dqhat = dqhat_t.data_ptr<T>(), *const h = h_t.data_ptr<T>(),
+           *const dshat = dshat_t.data_ptr<T>();
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t l = 0; l < nl; ++l) {
       const Packed<T>& p = packs[b * nl + l];
       const int64_t c = qs[l].size(1), k = p.cols.size();
       const T* q = qs[l].data_ptr<T>() + b * c * nq;
       const T* g = grad.data_ptr<T>() + (b * nl + l) * nq * ns;
+      const T* o = out.data_ptr<T>() + (b * nl + l) * nq * ns;
       T* gq = gqs[l].data_ptr<T>() + b * c * nq;
       T* gs = gss[l].data_ptr<T>() + b * c * ns;
-      std::fill(gs, gs + c * ns, T(0));
+      if (k < ns) std::fill(gs, gs + c * ns, T(0));
       if (k == 0) {
         std::fill(gq, gq + c * nq, T(0));
         continue;
       }
-      // q̂ (C x nq); H (nq x K) = grad where q̂ᵀŝ > 0, else 0 (the ReLU gate, open at 0 like clamp).
-      std::vector<T> qhat(c * nq), h(nq * k), dqhat(c * nq), dshat(c * k);
 #pragma omp parallel for
       for (int64_t ch = 0; ch < c; ++ch)
         for (int64_t i = 0; i < nq; ++i) qhat[ch * nq + i] = q[ch * nq + i] * p.inv_q[i];
-      gemm<T>(true, false, nq, k, c, T(1), qhat.data(), nq, p.shat.data(), k, T(0), h.data(), k);
 #pragma omp parallel for
-      for (int64_t i = 0; i < nq; ++i)
-        for (int64_t kk = 0; kk < k; ++kk) {
-          T& hv = h[i * k + kk];
-          hv = hv >= T(0) ? g[i * ns + p.cols[kk]] : T(0);  // clamp passes the gradient at 0
-        }
-      // dq̂ = Ŝ Hᵀ (C x nq), dŝ = q̂ H (C x K)
-      gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h.data(), k, T(0), dqhat.data(), nq);
-      gemm<T>(false, false, c, k, nq, T(1), qhat.data(), nq, h.data(), k, T(0), dshat.data(), k);
-      // Through the normalisations (and the mask: ds = m ds').
-      std::vector<T> dot_q(nq, T(0)), dot_s(k, T(0));
-      for (int64_t ch = 0; ch < c; ++ch) {
-        for (int64_t i = 0; i < nq; ++i) dot_q[i] += qhat[ch * nq + i] * dqhat[ch * nq + i];
-        for (int64_t kk = 0; kk < k; ++kk) dot_s[kk] += p.shat[ch * k + kk] * dshat[ch * k + kk];
+      for (int64_t i = 0; i < nq; ++i) {
+        const bool open_row = p.norm_q[i] == T(0);
+        if (k == ns)
+          gate_row<T, true>(g + i * ns, o + i * ns, p, open_row, h + i * k);
+        else
+          gate_row<T, false>(g + i * ns, o + i * ns, p, open_row, h + i * k);
       }
-      std::vector<T> coef_q(nq), inv_s(k), coef_s(k), m_s(k);
-      for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(dot_q[i], p.inv_q[i], eps);
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const T m = mask.defined() ? mask.data_ptr<T>()[b * ns + p.cols[kk]] : T(1);
-        inv_s[kk] = p.scale[kk] / m;  // 1 / (||m s|| + eps); m != 0 for kept columns
-        coef_s[kk] = norm_back_coef(dot_s[kk], inv_s[kk], eps);
-        m_s[kk] = m;
-      }
+      gemm<T>(false, true, c, nq, k, T(1), p.shat.data(), k, h, k, T(0), dqhat, nq);
+      gemm<T>(false, false, c, k, nq, T(1), qhat, nq, h, k, T(0), dshat, k);
+      std::vector<T> coef_q = col_dots(qhat, dqhat, c, nq), coef_s = col_dots(p.shat.data(), dshat, c, k);
+      for (int64_t i = 0; i < nq; ++i) coef_q[i] = norm_back_coef(coef_q[i], p.norm_q[i], eps);
+      for (int64_t kk = 0; kk < k; ++kk) coef_s[kk] = norm_back_coef(coef_s[kk], p.norm_s[kk], eps);
 #pragma omp parallel for
       for (int64_t ch = 0; ch < c; ++ch) {
         for (int64_t i = 0; i < nq; ++i)
           gq[ch * nq + i] = (dqhat[ch * nq + i] - qhat[ch * nq + i] * coef_q[i]) * p.inv_q[i];
         for (int64_t kk = 0; kk < k; ++kk)
-          gs[ch * ns + p.cols[kk]] = m_s[kk] * (dshat[ch * k + kk] - p.shat[ch * k + kk] * coef_s[kk]) * inv_s[kk];
+          gs[ch * ns + p.cols[kk]] = (dshat[ch * k + kk] - p.shat[ch * k + kk] * coef_s[kk]) * p.scale[kk];
       }
     }
   }
@@ -261,19 +291,19 @@ at::Tensor stack_forward(at::TensorList query, at::TensorList support, const c10
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> stack_backward(
-    const at::Tensor& grad_out, at::TensorList query, at::TensorList support, const c10::optional<at::Tensor>& mask,
-    double eps) {
+    const at::Tensor& grad_out, const at::Tensor& out, at::TensorList query, at::TensorList support,
+    const c10::optional<at::Tensor>& mask, double eps) {
   const StackInputs in(query, support, mask);
-  const auto g = grad_out.to(in.cdt).contiguous();
-  TORCH_CHECK(g.numel() == c10::multiply_integers(in.out_sizes),
-              "correlation backward: grad_out has the wrong size");
+  const auto g = grad_out.to(in.cdt).contiguous(), o = out.to(in.cdt).contiguous();
+  const int64_t numel = c10::multiply_integers(in.out_sizes);
+  TORCH_CHECK(g.numel() == numel && o.numel() == numel, "correlation backward: grad_out or out has the wrong size");
   std::vector<at::Tensor> gq, gs;
   for (size_t l = 0; l < in.qs.size(); ++l) {
     gq.push_back(at::empty_like(in.qs[l]));
     gs.push_back(at::empty_like(in.ss[l]));
   }
   AT_DISPATCH_FLOATING_TYPES(in.cdt, "tlg_correlation_backward",
-                             [&] { backward_impl<scalar_t>(g, in.qs, in.ss, in.mask, eps, gq, gs); });
+                             [&] { backward_impl<scalar_t>(g, o, in.qs, in.ss, in.mask, eps, gq, gs); });
   for (size_t l = 0; l < in.qs.size(); ++l) {
     gq[l] = gq[l].to(in.dtype);
     gs[l] = gs[l].to(in.dtype);
@@ -286,10 +316,10 @@ at::Tensor correlation_forward(const at::Tensor& query, const at::Tensor& suppor
   return stack_forward({query}, {support}, mask, eps).squeeze(1);
 }
 
-std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& query,
-                                                        const at::Tensor& support,
+std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                                        const at::Tensor& query, const at::Tensor& support,
                                                         const c10::optional<at::Tensor>& mask, double eps) {
-  auto [gq, gs] = stack_backward(grad_out, {query}, {support}, mask, eps);
+  auto [gq, gs] = stack_backward(grad_out, out, {query}, {support}, mask, eps);
   return {gq[0], gs[0]};
 }
 

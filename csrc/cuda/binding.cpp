@@ -66,19 +66,20 @@ at::Tensor correlation_forward(const at::Tensor& query, const at::Tensor& suppor
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& query,
-                                                        const at::Tensor& support,
+std::tuple<at::Tensor, at::Tensor> correlation_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                                        const at::Tensor& query, const at::Tensor& support,
                                                         const std::optional<at::Tensor>& support_mask, double eps) {
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), s = support.to(q.scalar_type()).contiguous();
-  const at::Tensor go = grad_out.to(q.scalar_type()).contiguous(), m = like_contig(support_mask, q);
+  const at::Tensor go = grad_out.to(q.scalar_type()).contiguous(), o = out.to(q.scalar_type()).contiguous();
+  const at::Tensor m = like_contig(support_mask, q);
   const int64_t B = q.size(0), C = q.size(1), Pq = q.size(2) * q.size(3), Ps = s.size(2) * s.size(3);
   at::Tensor gq = at::zeros_like(q), gs = at::zeros_like(s);
   if (B * C * Pq * Ps == 0) return {gq, gs};
   const DType dt = dtype_of(q);
   at::Tensor work = scratch(tlg_cuda::correlation_workspace(dt, B, C, Pq, Ps, true), q);
-  check(tlg_cuda::correlation_backward(dt, go.data_ptr(), q.data_ptr(), s.data_ptr(), ptr_or_null(m), gq.data_ptr(),
-                                       gs.data_ptr(), work.data_ptr(), B, C, Pq, Ps, eps, 0, stream()),
+  check(tlg_cuda::correlation_backward(dt, go.data_ptr(), o.data_ptr(), q.data_ptr(), s.data_ptr(), ptr_or_null(m),
+                                       gq.data_ptr(), gs.data_ptr(), work.data_ptr(), B, C, Pq, Ps, eps, 0, stream()),
         "correlation_backward");
   return {gq, gs};
 }
@@ -110,24 +111,27 @@ at::Tensor correlation_stack_forward(at::TensorList query, at::TensorList suppor
   return out;
 }
 
+// Layer l of grad_out and out (B, L, Hq, Wq, Hs, Ws) is read through the batch stride L*Pq*Ps.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> correlation_stack_backward(
-    const at::Tensor& grad_out, at::TensorList query, at::TensorList support,
+    const at::Tensor& grad_out, const at::Tensor& out, at::TensorList query, at::TensorList support,
     const std::optional<at::Tensor>& support_mask, double eps) {
+  TORCH_CHECK(!query.empty() && query.size() == support.size(), "correlation_stack: one support per query layer");
+  const c10::cuda::CUDAGuard guard(query[0].device());
+  const at::ScalarType dtype = query[0].scalar_type();
+  const at::Tensor go = grad_out.to(dtype).contiguous(), o = out.to(dtype).contiguous();
+  const at::Tensor m = like_contig(support_mask, query[0]);
   std::vector<at::Tensor> gqs, gss;
-  const at::Tensor go = grad_out.contiguous();
   for (size_t l = 0; l < query.size(); ++l) {
-    const c10::cuda::CUDAGuard guard(query[l].device());
-    const at::Tensor q = query[l].contiguous(), s = support[l].to(q.scalar_type()).contiguous();
-    const at::Tensor m = like_contig(support_mask, q);
+    const at::Tensor q = query[l].to(dtype).contiguous(), s = support[l].to(dtype).contiguous();
     const int64_t B = q.size(0), C = q.size(1), Pq = q.size(2) * q.size(3), Ps = s.size(2) * s.size(3);
     at::Tensor gq = at::zeros_like(q), gs = at::zeros_like(s);
     if (B * C * Pq * Ps > 0) {
-      const at::Tensor go_l = go.select(1, static_cast<int64_t>(l)).to(q.scalar_type());  // keeps the stride
+      const int64_t layer = static_cast<int64_t>(l);
       const DType dt = dtype_of(q);
       at::Tensor work = scratch(tlg_cuda::correlation_workspace(dt, B, C, Pq, Ps, true), q);
-      check(tlg_cuda::correlation_backward(dt, go_l.data_ptr(), q.data_ptr(), s.data_ptr(), ptr_or_null(m),
-                                           gq.data_ptr(), gs.data_ptr(), work.data_ptr(), B, C, Pq, Ps, eps,
-                                           go_l.stride(0), stream()),
+      check(tlg_cuda::correlation_backward(dt, go.select(1, layer).data_ptr(), o.select(1, layer).data_ptr(),
+                                           q.data_ptr(), s.data_ptr(), ptr_or_null(m), gq.data_ptr(), gs.data_ptr(),
+                                           work.data_ptr(), B, C, Pq, Ps, eps, go.stride(0), stream()),
             "correlation_stack_backward");
     }
     gqs.push_back(gq);

@@ -6,7 +6,9 @@
 // and a column scale rs[j] = m_j/(|m_j| ||s_j|| + eps) applied in the epilogue of a tiled
 // batched GEMM over the channels (query (C,Pq) and support (C,Ps) are read in place).
 //
-// Backward, with Z = rq rs (q^T s) and Gz = G * [Z >= 0] (the ReLU gate; inclusive, as torch's clamp):
+// Backward, with the ReLU gate read from the forward's output (not recomputed):
+//   Gz = G * [out > 0 or ||q_i|| = 0 or ||m_j s_j|| = 0]   (a zero-norm vector's products are exactly 0,
+//   where torch's clamp passes the gradient), then
 //   dq^[c,i] = sum_j Gz[i,j] rs[j] s[c,j],      ds^[c,j] = sum_i Gz[i,j] rq[i] q[c,i]
 //   (same GEMM kernel, the scale on the reduced index), then through x^ = u/(||u||+eps):
 //   du = r dx^ - u (u . dx^) r^2 / ||u||   (r = 1/(||u||+eps); 0 for the second term when u = 0),
@@ -37,7 +39,7 @@ corr_scales_kernel(const T* __restrict__ x, const T* __restrict__ mask, A* __res
 }
 
 // ---- tiled batched GEMM: out[b,m,n] = epilogue( sum_k A[b,m,k] sk[k] B[b,k,n] ) ----
-enum class Epi { Relu, GradGate, Plain };
+enum class Epi { Relu, Plain };
 
 template <typename TA, typename TB, typename TO, typename A>
 struct GemmArgs {
@@ -47,15 +49,13 @@ struct GemmArgs {
   const A* scale_m;   // (B,M) or null
   const A* scale_n;   // (B,N) or null
   const A* scale_k;   // (B,K) or null, applied to B's tile as it is loaded
-  const void* gate;   // GradGate: grad_out (input dtype), indexed like `out` but for the batch stride
   int64_t M, N, K;
-  int64_t gate_b = 0;  // batch stride of `gate`
 };
 
 constexpr int kTile = 64, kTileK = 16, kTileThreads = 16;  // 16x16 threads, 4x4 outputs each
 constexpr int kSub = kTile / kTileThreads;
 
-template <typename TA, typename TB, typename TO, typename A, typename TG, Epi epi>
+template <typename TA, typename TB, typename TO, typename A, Epi epi>
 __global__ void __launch_bounds__(kTileThreads * kTileThreads)
 corr_gemm_kernel(GemmArgs<TA, TB, TO, A> g) {
   __shared__ A As[kTileK][kTile + 1];
@@ -65,7 +65,6 @@ corr_gemm_kernel(GemmArgs<TA, TB, TO, A> g) {
   const TA* a = g.a + bz * g.a_b;
   const TB* b = g.b + bz * g.b_b;
   const A* sk = g.scale_k ? g.scale_k + bz * g.K : nullptr;
-  const TG* gate = epi == Epi::GradGate ? static_cast<const TG*>(g.gate) + bz * g.gate_b : nullptr;
 
   A acc[kSub][kSub];
   for (int i = 0; i < kSub; ++i)
@@ -107,9 +106,6 @@ corr_gemm_kernel(GemmArgs<TA, TB, TO, A> g) {
       const int64_t o = bz * g.o_b + m * g.o_m + n * g.o_n;
       if constexpr (epi == Epi::Relu) {
         g.out[o] = from_acc<TO>(z > A(0) ? z : A(0));
-      } else if constexpr (epi == Epi::GradGate) {
-        const A gv = z >= A(0) ? to_acc(gate[m * g.o_m + n * g.o_n]) : A(0);  // clamp's gate: inclusive
-        g.out[o] = from_acc<TO>(gv);
       } else {
         g.out[o] = from_acc<TO>(z);
       }
@@ -117,10 +113,23 @@ corr_gemm_kernel(GemmArgs<TA, TB, TO, A> g) {
   }
 }
 
-template <typename TA, typename TB, typename TO, typename A, typename TG, Epi epi>
+template <typename TA, typename TB, typename TO, typename A, Epi epi>
 void run_gemm(const GemmArgs<TA, TB, TO, A>& g, int64_t B, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.N, kTile), ceil_div(g.M, kTile), static_cast<unsigned>(B));
-  launch(corr_gemm_kernel<TA, TB, TO, A, TG, epi>, grid, dim3(kTileThreads, kTileThreads), 0, stream, g);
+  launch(corr_gemm_kernel<TA, TB, TO, A, epi>, grid, dim3(kTileThreads, kTileThreads), 0, stream, g);
+}
+
+// ---- the ReLU gate from the forward's output: gz[b,i,j] = G[b,i,j] if out > 0 or a norm is 0, else 0 ----
+// G and out (batch stride io_b) are indexed alike; gz is contiguous.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kBlock)
+corr_gate_kernel(const T* __restrict__ grad, const T* __restrict__ out, const A* __restrict__ norm_q,
+                 const A* __restrict__ norm_s, A* __restrict__ gz, int64_t B, int64_t Pq, int64_t Ps, int64_t io_b) {
+  for (int64_t idx = global_thread(); idx < B * Pq * Ps; idx += global_threads()) {
+    const int64_t b = idx / (Pq * Ps), ij = idx % (Pq * Ps), o = b * io_b + ij;
+    const bool open = to_acc(out[o]) > A(0) || norm_q[b * Pq + ij / Ps] == A(0) || norm_s[b * Ps + ij % Ps] == A(0);
+    gz[idx] = open ? to_acc(grad[o]) : A(0);
+  }
 }
 
 // ---- backward through the normalisation, per position: dx = m (r dx^ - u (u.dx^) r^2/||u||) ----
@@ -185,30 +194,26 @@ void forward_impl(const T* q, const T* s, const T* mask, T* out, void* work, int
   scales(q, s, mask, w, B, C, Pq, Ps, eps, stream);
   // out[b,i,j] = relu(rq[i] rs[j] sum_c q[c,i] s[c,j]): A = q as (i,c), B = s as (c,j).
   GemmArgs<T, T, T, A> g{q, C * Pq, 1, Pq, s, C * Ps, Ps, 1, out, out_b, Ps, 1,
-                         w.scale_q, w.scale_s, nullptr, nullptr, Pq, Ps, C};
-  run_gemm<T, T, T, A, T, Epi::Relu>(g, B, stream);
+                         w.scale_q, w.scale_s, nullptr, Pq, Ps, C};
+  run_gemm<T, T, T, A, Epi::Relu>(g, B, stream);
 }
 
 template <typename T>
-void backward_impl(const T* grad_out, const T* q, const T* s, const T* mask, T* dq, T* ds, void* work, int64_t B,
-                   int64_t C, int64_t Pq, int64_t Ps, double eps, int64_t go_b, cudaStream_t stream) {
+void backward_impl(const T* grad_out, const T* out, const T* q, const T* s, const T* mask, T* dq, T* ds, void* work,
+                   int64_t B, int64_t C, int64_t Pq, int64_t Ps, double eps, int64_t io_b, cudaStream_t stream) {
   using A = acc_t<T>;
   CorrWork<A> w(work, B, C, Pq, Ps);
   scales(q, s, mask, w, B, C, Pq, Ps, eps, stream);
-  // Gz[b,i,j] = G[b,i,j] if the forward value was >= 0, else 0. G (batch stride go_b) and the
-  // Gz scratch (contiguous) are indexed alike, so a strided G is read through its own pointer.
-  GemmArgs<T, T, A, A> gz{q, C * Pq, 1, Pq, s, C * Ps, Ps, 1, w.gz, Pq * Ps, Ps, 1,
-                          w.scale_q, w.scale_s, nullptr, grad_out, Pq, Ps, C};
-  gz.gate_b = go_b;
-  run_gemm<T, T, A, A, T, Epi::GradGate>(gz, B, stream);
+  launch(corr_gate_kernel<T, A>, dim3(grid_for(B * Pq * Ps)), dim3(kBlock), 0, stream, grad_out, out,
+         static_cast<const A*>(w.norm_q), static_cast<const A*>(w.norm_s), w.gz, B, Pq, Ps, io_b);
   // dq^[b,c,i] = sum_j Gz[i,j] rs[j] s[c,j]   (m=i, n=c, k=j)
   GemmArgs<A, T, A, A> gq{w.gz, Pq * Ps, Ps, 1, s, C * Ps, 1, Ps, w.dqh, C * Pq, 1, Pq,
-                          nullptr, nullptr, w.scale_s, nullptr, Pq, C, Ps};
-  run_gemm<A, T, A, A, T, Epi::Plain>(gq, B, stream);
+                          nullptr, nullptr, w.scale_s, Pq, C, Ps};
+  run_gemm<A, T, A, A, Epi::Plain>(gq, B, stream);
   // ds^[b,c,j] = sum_i Gz[i,j] rq[i] q[c,i]   (m=j, n=c, k=i)
   GemmArgs<A, T, A, A> gs{w.gz, Pq * Ps, 1, Ps, q, C * Pq, 1, Pq, w.dsh, C * Ps, 1, Ps,
-                          nullptr, nullptr, w.scale_q, nullptr, Ps, C, Pq};
-  run_gemm<A, T, A, A, T, Epi::Plain>(gs, B, stream);
+                          nullptr, nullptr, w.scale_q, Ps, C, Pq};
+  run_gemm<A, T, A, A, Epi::Plain>(gs, B, stream);
   launch(corr_norm_backward_kernel<T, A>, dim3(grid_for(B * Pq)), dim3(kBlock), 0, stream,
          static_cast<const A*>(w.dqh), q, static_cast<const T*>(nullptr), static_cast<const A*>(w.norm_q), dq, B, C,
          Pq, A(eps));
@@ -234,17 +239,18 @@ int correlation_forward(DType dt, const void* query, const void* support, const 
   return static_cast<int>(cudaGetLastError());
 }
 
-int correlation_backward(DType dt, const void* grad_out, const void* query, const void* support, const void* mask,
-                         void* grad_query, void* grad_support, void* work, int64_t B, int64_t C, int64_t Pq,
-                         int64_t Ps, double eps, int64_t batch_stride, cudaStream_t stream) {
-  const int64_t go_b = batch_stride > 0 ? batch_stride : Pq * Ps;
+int correlation_backward(DType dt, const void* grad_out, const void* out, const void* query, const void* support,
+                         const void* mask, void* grad_query, void* grad_support, void* work, int64_t B, int64_t C,
+                         int64_t Pq, int64_t Ps, double eps, int64_t batch_stride, cudaStream_t stream) {
+  const int64_t io_b = batch_stride > 0 ? batch_stride : Pq * Ps;
   TLG_DISPATCH_DTYPE(dt, backward_impl<scalar_t>(static_cast<const scalar_t*>(grad_out),
+                                                 static_cast<const scalar_t*>(out),
                                                  static_cast<const scalar_t*>(query),
                                                  static_cast<const scalar_t*>(support),
                                                  static_cast<const scalar_t*>(mask),
                                                  static_cast<scalar_t*>(grad_query),
                                                  static_cast<scalar_t*>(grad_support), work, B, C, Pq, Ps, eps,
-                                                 go_b, stream));
+                                                 io_b, stream));
   return static_cast<int>(cudaGetLastError());
 }
 

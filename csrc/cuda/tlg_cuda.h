@@ -20,14 +20,15 @@ enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 // ---- correlation: query (B,C,Hq,Wq), support (B,C,Hs,Ws), mask (B,Hs,Ws) or null -> (B,Hq,Wq,Hs,Ws) ----
 // Pq = Hq*Wq, Ps = Hs*Ws. `work` is caller-provided scratch of correlation_workspace() bytes.
 // out / grad_out may be one layer of a stacked (B,L,Hq,Wq,Hs,Ws) volume: `batch_stride` is then
-// the element stride between batches (L*Pq*Ps); 0 means contiguous (Pq*Ps).
+// the element stride between batches (L*Pq*Ps); 0 means contiguous (Pq*Ps). The backward reads the
+// ReLU gate from the forward's `out` (laid out like grad_out, same batch stride).
 size_t correlation_workspace(DType dt, int64_t B, int64_t C, int64_t Pq, int64_t Ps, bool backward);
 int correlation_forward(DType dt, const void* query, const void* support, const void* mask, void* out,
                         void* work, int64_t B, int64_t C, int64_t Pq, int64_t Ps, double eps, int64_t batch_stride,
                         cudaStream_t stream);
-int correlation_backward(DType dt, const void* grad_out, const void* query, const void* support, const void* mask,
-                         void* grad_query, void* grad_support, void* work, int64_t B, int64_t C, int64_t Pq,
-                         int64_t Ps, double eps, int64_t batch_stride, cudaStream_t stream);
+int correlation_backward(DType dt, const void* grad_out, const void* out, const void* query, const void* support,
+                         const void* mask, void* grad_query, void* grad_support, void* work, int64_t B, int64_t C,
+                         int64_t Pq, int64_t Ps, double eps, int64_t batch_stride, cudaStream_t stream);
 
 // ---- center-pivot 4D conv: x (B,Cin,Ha,Wa,Hb,Wb), weights (Cout,Cin,k,k) -> (B,Cout,Ha,Wa,Hp,Wp) ----
 struct Conv4dShape {

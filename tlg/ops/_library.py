@@ -16,11 +16,11 @@ import torch
 # backends (Triton) register the same schemas under their prefix.
 SCHEMAS = {
     "correlation_forward": "(Tensor query, Tensor support, Tensor? support_mask, float eps) -> Tensor",
-    "correlation_backward": "(Tensor grad_out, Tensor query, Tensor support, Tensor? support_mask, float eps)"
-                            " -> (Tensor grad_query, Tensor grad_support)",
+    "correlation_backward": "(Tensor grad_out, Tensor out, Tensor query, Tensor support, Tensor? support_mask,"
+                            " float eps) -> (Tensor grad_query, Tensor grad_support)",
     "correlation_stack_forward": "(Tensor[] query, Tensor[] support, Tensor? support_mask, float eps) -> Tensor",
-    "correlation_stack_backward": "(Tensor grad_out, Tensor[] query, Tensor[] support, Tensor? support_mask,"
-                                  " float eps) -> (Tensor[] grad_query, Tensor[] grad_support)",
+    "correlation_stack_backward": "(Tensor grad_out, Tensor out, Tensor[] query, Tensor[] support,"
+                                  " Tensor? support_mask, float eps) -> (Tensor[] grad_query, Tensor[] grad_support)",
     "cp_conv4d_forward": "(Tensor x, Tensor weight_q, Tensor? bias_q, Tensor weight_s, Tensor? bias_s, int stride)"
                          " -> Tensor",
     "cp_conv4d_backward": "(Tensor grad_out, Tensor x, Tensor weight_q, Tensor weight_s, int stride,"
@@ -51,7 +51,7 @@ def register(prefix: str) -> None:
         return query.new_empty((b, hq, wq, support.shape[2], support.shape[3]))
 
     @torch.library.register_fake(qual + "correlation_backward")
-    def _(grad_out, query, support, support_mask, eps):
+    def _(grad_out, out, query, support, support_mask, eps):
         return torch.empty_like(query), torch.empty_like(support)
 
     @torch.library.register_fake(qual + "cp_conv4d_forward")
@@ -89,14 +89,15 @@ def register(prefix: str) -> None:
         return torch.empty_like(plan), plan.new_empty((bsz, n)), plan.new_empty((bsz, m))
 
     # ---- autograd ----
+    # The correlation's output is saved: its backward reads the ReLU gate from it.
     def corr_setup(ctx, inputs, output):
         query, support, support_mask, eps = inputs
-        ctx.save_for_backward(query, support, support_mask)
+        ctx.save_for_backward(output, query, support, support_mask)
         ctx.eps = eps
 
     def corr_backward(ctx, grad):
-        query, support, support_mask = ctx.saved_tensors
-        gq, gs = _op(prefix, "correlation_backward")(grad.contiguous(), query, support, support_mask, ctx.eps)
+        out, query, support, support_mask = ctx.saved_tensors
+        gq, gs = _op(prefix, "correlation_backward")(grad.contiguous(), out, query, support, support_mask, ctx.eps)
         return gq, gs, None, None
 
     torch.library.register_autograd(qual + "correlation_forward", corr_backward, setup_context=corr_setup)
@@ -155,19 +156,21 @@ def register_stack(prefix: str) -> None:
         return query[0].new_empty((b, len(query), hq, wq, support[0].shape[2], support[0].shape[3]))
 
     @torch.library.register_fake(qual + "correlation_stack_backward")
-    def _(grad_out, query, support, support_mask, eps):
+    def _(grad_out, out, query, support, support_mask, eps):
         return [torch.empty_like(q) for q in query], [torch.empty_like(s) for s in support]
 
     def setup(ctx, inputs, output):
         query, support, support_mask, eps = inputs
         ctx.n = len(query)
-        ctx.save_for_backward(*query, *support, support_mask)
+        ctx.save_for_backward(output, *query, *support, support_mask)
         ctx.eps = eps
 
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        query, support, support_mask = list(saved[: ctx.n]), list(saved[ctx.n : 2 * ctx.n]), saved[-1]
-        gq, gs = _op(prefix, "correlation_stack_backward")(grad.contiguous(), query, support, support_mask, ctx.eps)
+        out, *saved = ctx.saved_tensors
+        query, support, support_mask = saved[: ctx.n], saved[ctx.n : 2 * ctx.n], saved[-1]
+        gq, gs = _op(prefix, "correlation_stack_backward")(
+            grad.contiguous(), out, query, support, support_mask, ctx.eps
+        )
         return list(gq), list(gs), None, None
 
     torch.library.register_autograd(qual + "correlation_stack_forward", backward, setup_context=setup)

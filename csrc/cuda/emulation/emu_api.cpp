@@ -13,10 +13,10 @@ int emu_correlation_forward(int dt, const void* q, const void* s, const void* ma
                             int64_t C, int64_t Pq, int64_t Ps, double eps, int64_t batch_stride) {
   return tlg_cuda::correlation_forward(DType(dt), q, s, mask, out, work, B, C, Pq, Ps, eps, batch_stride, nullptr);
 }
-int emu_correlation_backward(int dt, const void* go, const void* q, const void* s, const void* mask, void* gq, void* gs,
-                             void* work, int64_t B, int64_t C, int64_t Pq, int64_t Ps, double eps,
+int emu_correlation_backward(int dt, const void* go, const void* out, const void* q, const void* s, const void* mask,
+                             void* gq, void* gs, void* work, int64_t B, int64_t C, int64_t Pq, int64_t Ps, double eps,
                              int64_t batch_stride) {
-  return tlg_cuda::correlation_backward(DType(dt), go, q, s, mask, gq, gs, work, B, C, Pq, Ps, eps, batch_stride,
+  return tlg_cuda::correlation_backward(DType(dt), go, out, q, s, mask, gq, gs, work, B, C, Pq, Ps, eps, batch_stride,
                                         nullptr);
 }
 
