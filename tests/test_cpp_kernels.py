@@ -95,7 +95,8 @@ def test_multilayer_correlation_stack(masked):
     (5, 5, 4, (4, 5, 25, 11)),   # large support grids take the dense path (one GEMM over all p)
     (3, 3, 1, (5, 4, 9, 8)),
     (3, 3, 2, (3, 3, 1, 3)),
-    (3, 3, 2, (4, 3, 3, 3)),     # small grid with stride: one support GEMM over (o, p) x (c, s), zeros in it
+    (3, 3, 2, (4, 3, 3, 3)),     # small grid with stride, 44% of the support taps valid: per position
+    (3, 3, 1, (4, 3, 2, 3)),     # small grid: one support GEMM over (o, p) x (c, s), zeros in it
     (3, 5, 1, (3, 3, 2, 30)),    # wide, flat grid: per-position support GEMMs
 ])
 def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
