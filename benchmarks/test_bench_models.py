@@ -9,6 +9,8 @@ inside a single op are not seen).
 The default run keeps to a few minutes: batch 4 at 400x400 is marked ``slow`` and only runs
 with ``TLG_BENCH_HEAVY=1`` (``pytest benchmarks/test_bench_models.py --benchmark-only``; the
 short subset is ``-k quick``). The backbone has random weights: timings do not depend on them.
+``test_backbone_alone`` times the frozen backbone by itself, the plain-torch part of every step, which
+bounds any backend's whole-model speed-up.
 """
 from __future__ import annotations
 
@@ -106,3 +108,25 @@ def test_model(benchmark, name, size, batch, heavy, mode, backend):
     peak = peak_memory_mb(fn)
     benchmark.extra_info["peak_memory_mb"] = peak
     record(benchmark, f"model {name}", f"resnet50 {size}px b{batch} {mode}", backend, None, f"peak {peak:.0f} MiB")
+
+
+@pytest.mark.parametrize("size,batch,heavy", list(_cases()))
+@pytest.mark.parametrize("name", ["hsnet", "tlg"])
+def test_backbone_alone(benchmark, name, size, batch, heavy):
+    """The frozen backbone on the query and the support images: the part of every step that is plain
+    torch on both sides. reference / (this time) bounds any backend's whole-model speed-up."""
+    if heavy and not HEAVY:
+        pytest.skip("batch 4 at 400x400: set TLG_BENCH_HEAVY=1 to run it")
+    torch.manual_seed(0)
+    config = {"img_size": size} if name == "tlg" else {}
+    model = tlg.build_model(name, backbone="resnet50", backend="reference", **config).train()
+    data = _batch(batch, size)
+
+    def fn():
+        with torch.no_grad():
+            return model.backbone(data["query_img"]), model.backbone(data["support_imgs"].flatten(0, 1))
+
+    quick = (size, batch) == (200, 1)
+    query_taps, _ = benchmark.pedantic(fn, rounds=3 if quick else 1, warmup_rounds=1)
+    assert len(query_taps) == model.backbone.stack_ids[-1]  # every tap of the backbone (13 for ResNet50)
+    record(benchmark, f"model {name}", f"resnet50 {size}px b{batch} backbone only", "torch")
