@@ -68,6 +68,24 @@ T* grown(std::vector<T>& v, int64_t size) {
   return v.data();
 }
 
+// out[q os + tx n + j] = Σ_i coef(q, i) t[(m tx + i) n + j], q < Q, i < I: a small constant matrix
+// applied along x to the columns of every tile of a transformed row t (n values per column).
+template <int Mt, int Q, int I, typename T, typename Coef>
+void along_x(const T* t, int64_t tw, int64_t n, Coef coef, T* out, int64_t os) {
+  for (int64_t tx = 0; tx < tw; ++tx)
+    for (int64_t j = 0; j < n; ++j) {
+      const T* x = t + Mt * tx * n + j;
+#pragma GCC unroll 8
+      for (int q = 0; q < Q; ++q) {
+        T acc = 0;
+#pragma GCC unroll 8
+        for (int i = 0; i < I; ++i)
+          if (coef(q, i) != 0) acc += T(coef(q, i)) * x[i * n];
+        out[q * os + tx * n + j] = acc;
+      }
+    }
+}
+
 // v[ξ, ci, (tile, j)] = (Bᵀ d B)[ξ], d the α x α patch of `in` (C, h wd, n) at each tile, zeros outside.
 // Separable: along y on whole grid rows (wd n contiguous values), then along x on the α columns of
 // each tile (n values each).
@@ -98,22 +116,9 @@ void winograd_input(const T* in, int64_t c, int64_t h, int64_t wd, int64_t n, co
         }
       }
       const int64_t col0 = (ty - tl.ty0) * tl.tw * n;
-      for (int r = 0; r < A; ++r) {  // along x: tile tx reads columns m tx .. m tx + α - 1 of row r
-        const T* t = rows + r * rowlen;
-        T* vr = v + (r * A * c + ci) * N + col0;
-        for (int64_t tx = 0; tx < tl.tw; ++tx)
-          for (int64_t j = 0; j < n; ++j) {
-            const T* x = t + Mt * tx * n + j;
-#pragma GCC unroll 8
-            for (int q = 0; q < A; ++q) {
-              T acc = 0;
-#pragma GCC unroll 8
-              for (int i = 0; i < A; ++i)
-                if (F::BT[q][i] != 0) acc += T(F::BT[q][i]) * x[i * n];
-              vr[q * c * N + tx * n + j] = acc;
-            }
-          }
-      }
+      for (int r = 0; r < A; ++r)  // along x: tile tx reads columns m tx .. m tx + α - 1 of row r
+        along_x<Mt, A, A>(rows + r * rowlen, tl.tw, n, [](int q, int i) { return F::BT[q][i]; },
+                          v + (r * A * c + ci) * N + col0, c * N);
     }
 }
 
@@ -203,22 +208,9 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
             for (int64_t x = 0; x < wd * n; ++x) t[x] += T(F::AT[R][r]) * g[R * wd * n + x];
       }
       const int64_t col0 = (ty - tl.ty0) * tl.tw * n;
-      for (int r = 0; r < A; ++r) {  // along x: E[r, q] = Σ_C Aᵀ[C, q] row_r[m tx + C]
-        const T* t = rows + r * rowlen;
-        T* er = e + (r * A * m + o) * N + col0;
-        for (int64_t tx = 0; tx < tl.tw; ++tx)
-          for (int64_t j = 0; j < n; ++j) {
-            const T* x = t + Mt * tx * n + j;
-#pragma GCC unroll 8
-            for (int q = 0; q < A; ++q) {
-              T sum = 0;
-#pragma GCC unroll 4
-              for (int cc = 0; cc < Mt; ++cc)
-                if (F::AT[cc][q] != 0) sum += T(F::AT[cc][q]) * x[cc * n];
-              er[q * m * N + tx * n + j] = sum;
-            }
-          }
-      }
+      for (int r = 0; r < A; ++r)  // along x: E[r, q] = Σ_C Aᵀ[C, q] row_r[m tx + C]
+        along_x<Mt, A, Mt>(rows + r * rowlen, tl.tw, n, [](int q, int i) { return F::AT[i][q]; },
+                           e + (r * A * m + o) * N + col0, m * N);
     }
   for (int xi = 0; xi < A2; ++xi)
     gemm<T>(false, true, m, c, N, T(1), e + xi * m * N, N, v + xi * c * N, N, T(1), acc + xi * m * c, c);
