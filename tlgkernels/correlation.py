@@ -56,18 +56,25 @@ def _scale_kernel(x_ptr, m_ptr, scale_ptr, norm_ptr, C, P, sxb, sxc, eps,
     tl.store(scale_ptr + b * P + offs_p, scale, mask=pmask)
 
 
-@triton.autotune(configs=gemm_configs(32, 32, 32), key=["C", "PQ", "PS"])
 @triton.jit
-def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, C, PQ, PS, sqb, ssb, sob,
-                 DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = relu(rq_i rs_j <q_i, s_j>)."""
+def _pair_tile(rq_ptr, rs_ptr, PQ, PS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (query, support) tile of batch element b: offsets, bounds masks and the two scales."""
     pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = offs_m < PQ, offs_n < PS
     rq = tl.load(rq_ptr + b * PQ + offs_m, mask=mmask, other=0.0)
     rs = tl.load(rs_ptr + b * PS + offs_n, mask=nmask, other=0.0)
+    return b, offs_m, offs_n, mmask, nmask, rq, rs
+
+
+@triton.autotune(configs=gemm_configs(32, 32, 32), key=["C", "PQ", "PS"])
+@triton.jit
+def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, C, PQ, PS, sqb, ssb, sob,
+                 DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = relu(rq_i rs_j <q_i, s_j>)."""
+    b, offs_m, offs_n, mmask, nmask, rq, rs = _pair_tile(rq_ptr, rs_ptr, PQ, PS, BLOCK_M, BLOCK_N)
     # a masked-out support tile (all scales zero) contributes exactly zero: skip its channel loop
     k_end = tl.where(tl.max(tl.abs(rs), axis=0) > 0, C, 0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -89,12 +96,7 @@ def _corr_kernel(q_ptr, s_ptr, rq_ptr, rs_ptr, out_ptr, C, PQ, PS, sqb, ssb, sob
 def _gate_kernel(g_ptr, c_ptr, rq_ptr, rs_ptr, nq_ptr, ns_ptr, h_ptr, rowdot_ptr, coldot_ptr, PQ, PS,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """H = G [C > 0 or nq_i = 0 or ns_j = 0] rq_i rs_j;  rho_i += sum_j G C,  gamma_j += sum_i G C  (atomics)."""
-    pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask, nmask = offs_m < PQ, offs_n < PS
-    rq = tl.load(rq_ptr + b * PQ + offs_m, mask=mmask, other=0.0)
-    rs = tl.load(rs_ptr + b * PS + offs_n, mask=nmask, other=0.0)
+    b, offs_m, offs_n, mmask, nmask, rq, rs = _pair_tile(rq_ptr, rs_ptr, PQ, PS, BLOCK_M, BLOCK_N)
     nq = tl.load(nq_ptr + b * PQ + offs_m, mask=mmask, other=1.0)
     ns = tl.load(ns_ptr + b * PS + offs_n, mask=nmask, other=1.0)
     offs = b * PQ * PS + offs_m[:, None] * PS + offs_n[None, :]
