@@ -11,13 +11,16 @@
 // x[:, chunk, :] of grad_x in the backward). A task builds its operand in a per-thread buffer with
 // columns (a, p) in y's own order and runs one GEMM that writes y[:, chunk, :] in place: no permutes
 // of x or y, the stride pruning folded into the gather (s_p, src_p).
-//  * dense path: the support taps join that GEMM (zeros where a tap reads padding);
-//  * per-position path, when more than half of the support taps would read padding (HSNet's mixing
-//    blocks on 2x2 grids keep 4 of 9 taps): the main GEMM has the query taps only, and each p adds
-//    a GEMM over its own valid taps T_p.
+//  * dense path, when at most a quarter of the support taps read padding (half for Cout = 16): the
+//    support taps join that GEMM (zeros where a tap reads padding);
+//  * per-position path otherwise: the main GEMM has the query taps only, and each p adds a GEMM over
+//    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it
+//    (HSNet's mixing blocks on 2x2 grids);
 //  * 3x3 query kernels with enough channels (HSNet's 64->128 and mixing layers): the query part
 //    by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main GEMM
-//    (winograd.h), in the forward and in both gradients.
+//    (winograd.h), in the forward and in both gradients;
+//  * Cout = 16 (forward, grad_w) and Cin = 16 (grad_x): AVX-512 16-row kernels that read the query
+//    taps in place from a copy of x (or dy) with zero-padded query dims, no query im2col.
 
 #include "common.h"
 #include "winograd.h"
