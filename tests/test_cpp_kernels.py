@@ -142,6 +142,8 @@ def test_cp_conv4d_sixteen_channels(cin, cout, kq, ks, stride, sizes):
     (16, 32, 2, (6, 6, 4, 4)),   # pruned support (HSNet's 64->128 layers)
     (17, 33, 2, (3, 3, 5, 5)),
     (32, 32, 1, (7, 5, 2, 2)),   # mixing block shape
+    (16, 33, 1, (5, 4, 2, 3)),   # small unpruned grid: the merged support GEMM has zeros in it
+    (17, 32, 1, (3, 6, 1, 1)),   # 1x1 support grid
     (16, 32, 1, (1, 1, 3, 3)),   # a 1x1 query grid: one tile, three of its four outputs cut off
 ])
 def test_cp_conv4d_winograd_query_path(dtype, cin, cout, stride, sizes):
