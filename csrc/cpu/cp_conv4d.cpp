@@ -232,23 +232,31 @@ void support_cols_at(const Geometry& g, const T* xb, int64_t p, int64_t a0, int6
     }
 }
 
-// A zero border of kq/2 around the query dims, (nb, channels, Ha + 2r, Wa + 2r, Sp): a query tap of one
-// query row reads a contiguous run of it, so the 16-row kernel reads it in place. `src` is x (S values
-// per position, pruned to the kept ones) or has Sp values per position (dy).
+// A zero border of kq/2 around the query dims, (nb, channels, Ha + 2r, Wa + 2r, Sp), written into `out`
+// (a kept scratch buffer: no page faults, every element written in parallel): a query tap of one query
+// row reads a contiguous run of it, so the 16-row kernel reads it in place. `src` is x (S values per
+// position, pruned to the kept ones) or has Sp values per position (dy).
 template <typename T>
-std::vector<T> padded_query_dims(const Geometry& g, const T* src, int64_t channels, bool prune) {
-  const int64_t r = g.kq / 2, hh = g.ha + 2 * r, ww = g.wa + 2 * r, per = prune ? g.S : g.Sp;
-  std::vector<T> out(g.nb * channels * hh * ww * g.Sp, T(0));
+const T* padded_query_dims(const Geometry& g, const T* src, int64_t channels, bool prune, std::vector<T>& out) {
+  const int64_t r = g.kq / 2, hh = g.ha + 2 * r, ww = g.wa + 2 * r, per = prune ? g.S : g.Sp, len = ww * g.Sp;
+  grow(out, g.nb * channels * hh * len);
 #pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < g.nb * channels * g.ha; ++row) {  // (b, c, query row)
-    const int64_t bc = row / g.ha, ay = row % g.ha;
+  for (int64_t row = 0; row < g.nb * channels * hh; ++row) {  // (b, c, padded query row)
+    const int64_t bc = row / hh, ay = row % hh - r;
+    T* o = out.data() + row * len;
+    if (ay < 0 || ay >= g.ha) {
+      std::fill_n(o, len, T(0));
+      continue;
+    }
+    std::fill_n(o, r * g.Sp, T(0));
+    std::fill_n(o + (r + g.wa) * g.Sp, r * g.Sp, T(0));
     for (int64_t ax = 0; ax < g.wa; ++ax) {
-      const T* in = src + (row * g.wa + ax) * per;
-      T* o = out.data() + ((bc * hh + ay + r) * ww + ax + r) * g.Sp;
-      for (int64_t p = 0; p < g.Sp; ++p) o[p] = prune ? in[g.kept[p]] : in[p];
+      const T* in = src + ((bc * g.ha + ay) * g.wa + ax) * per;
+      T* d = o + (ax + r) * g.Sp;
+      for (int64_t p = 0; p < g.Sp; ++p) d[p] = prune ? in[g.kept[p]] : in[p];
     }
   }
-  return out;
+  return out.data();
 }
 
 // Row pointers of the query taps (c, t) of `channels` channels for the query-row segment that starts at
@@ -398,7 +406,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
       for (int64_t kk = 0; kk < k; ++kk) wt[kk * 16 + o] = w[o * k + kk];
   std::vector<T> xp_buf;
   const T* xp = g16 ? nullptr : pruned_x(g, x, xp_buf);  // the Cout = 16 path reads the padded copy instead
-  const auto xpp = g16 ? padded_query_dims(g, x, g.cin, true) : std::vector<T>();
+  const T* xpp = g16 ? padded_query_dims(g, x, g.cin, true, scratch<T, 7>()) : nullptr;
 #pragma omp parallel
   {
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>();
@@ -417,7 +425,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
           grow(col, (k - g.cin * g.kq2) * n);
           if (g.dense) support_cols(g, xb, a0, na, col.data());
           for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
-            main_rows16(g, xpp.data(), col.data(), n, b, a0, i, k, rows.data());
+            main_rows16(g, xpp, col.data(), n, b, a0, i, k, rows.data());
             gemm16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(wt.data()),
                           reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<const float*>(bias),
                           reinterpret_cast<float*>(yc + i * g.Sp), ldy);
@@ -475,7 +483,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   std::vector<T> xp_buf;
   const bool dw16 = dwq && use_gemm16<T>(g.cout);  // Cout = 16: the main weight gradient by wgrad16
   const T* xp = dwq && !dw16 ? pruned_x(g, x, xp_buf) : nullptr;
-  const auto xpp = dw16 ? padded_query_dims(g, x, g.cin, true) : std::vector<T>();
+  const T* xpp = dw16 ? padded_query_dims(g, x, g.cin, true, scratch<T, 7>()) : nullptr;
   const int64_t npk = packs.size();
   std::vector<T> wf(g.cin * g.cout * g.kq2);  // wf[c, (o, u)] = Wq[o, c, kq²-1-u]
   for (int64_t c = 0; c < g.cin; ++c)
@@ -484,7 +492,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const auto uf = g.wino && dx ? winograd_weights<kWino>(wf.data(), g.cin, g.cout) : std::vector<T>();
   const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16
   std::vector<T> wft(dx16 ? g.cout * g.kq2 * 16 : 0), zeros16(16, T(0));  // wf transposed, (Cout kq²) x 16
-  const auto dy_padded = dx16 ? padded_query_dims(g, dy, g.cout, false) : std::vector<T>();
+  const T* dy_padded = dx16 ? padded_query_dims(g, dy, g.cout, false, scratch<T, 8>()) : nullptr;
   for (int64_t c = 0; dx16 && c < 16; ++c)
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
@@ -517,6 +525,8 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       const T* dyb = dy + b * g.cout * ldy;
       const T* dyc = dyb + a0 * g.Sp;  // Cout x n, row stride ldy
       T* dxb = dx ? dx + b * g.cin * g.P * g.S : nullptr;
+      if (dx)  // the task's rows of dx start at zero here, in its own thread (no serial zero fill)
+        for (int64_t c = 0; c < g.cin; ++c) std::fill_n(dxb + c * g.P * g.S + a0 * g.S, na * g.S, T(0));
       if (dw16) {  // dwt (K x 16) += B dyᵀ; B's query rows in place, its support rows from col
         grow(col, (k - g.cin * g.kq2) * n);
         if (g.dense) support_cols(g, xb, a0, na, col.data());
@@ -525,7 +535,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           for (int64_t j = 0; j < n; ++j) dyt[j * 16 + o] = dyc[o * ldy + j];
         rows.resize(k);
         for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
-          main_rows16(g, xpp.data(), col.data(), n, b, a0, i, k, rows.data());
+          main_rows16(g, xpp, col.data(), n, b, a0, i, k, rows.data());
           wgrad16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(dyt.data() + i * g.Sp * 16),
                          reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(dwt_thr[tid].data()));
         });
@@ -606,7 +616,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         } else if (dx16) {  // per query-row segment, dy's taps read from its padded copy
           std::vector<const T*> rows(g.cout * g.kq2);
           for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
-            query_tap_rows(g, dy_padded.data(), g.cout, b, g.ay[a0 + i], g.ax[a0 + i], rows.data());
+            query_tap_rows(g, dy_padded, g.cout, b, g.ay[a0 + i], g.ax[a0 + i], rows.data());
             gemm16_avx512(len * g.Sp, g.cout * g.kq2, reinterpret_cast<const float*>(wft.data()),
                           reinterpret_cast<const float* const*>(rows.data()),
                           reinterpret_cast<const float*>(zeros16.data()), reinterpret_cast<float*>(dxq.data() + i * g.Sp),
@@ -713,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
   Geometry g(x, wq, ws, stride);
   TORCH_CHECK(dy.numel() == g.nb * g.cout * g.P * g.Sp, "cp_conv4d backward: grad_out has the wrong size");
   auto none = x.new_empty({0});
-  auto dx = output_mask[0] ? at::zeros_like(x) : none;
+  auto dx = output_mask[0] ? at::empty_like(x) : none;  // every task zeroes its own rows first
   auto dwq = output_mask[1] ? at::empty_like(wq) : none;
   auto dws = output_mask[1] ? at::empty_like(ws) : none;
   auto db = output_mask[2] ? x.new_empty({g.cout}) : none;

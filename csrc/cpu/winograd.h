@@ -36,6 +36,7 @@ std::vector<T> winograd_weights(const T* w, int64_t m, int64_t c) {
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
   std::vector<T> u(A * A * m * c);
+#pragma omp parallel for schedule(static)
   for (int64_t o = 0; o < m; ++o)
     for (int64_t i = 0; i < c; ++i) {
       const T* g = w + (o * c + i) * 9;
