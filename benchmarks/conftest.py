@@ -103,6 +103,17 @@ class Row:
 _ROWS: list[Row] = []
 
 
+def run_rounds(benchmark, fn, budget_s: float = 1.0, max_rounds: int = 30):
+    """``benchmark.pedantic(fn)`` with as many rounds as fit in about ``budget_s`` (3 to ``max_rounds``),
+    judged from one untimed call: millisecond cases get enough rounds to average out this shared
+    machine's noise, and every implementation of a case is given the same budget."""
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    rounds = int(min(max_rounds, max(3, budget_s / max(once, 1e-9))))
+    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+
+
 def record(benchmark, group: str, case: str, impl: str, flops: int | None = None, extra: str = "") -> None:
     """Attach GFLOP/s to a finished pytest-benchmark run and remember it for the summary table."""
     stats = getattr(benchmark, "stats", None)

@@ -22,7 +22,7 @@ import tlg
 from tlg.ops import _native
 from tlg.ops.reference import cp_conv4d_flops
 
-from conftest import record
+from conftest import record, run_rounds
 
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.skipif(_native.load_error() is not None, reason=str(_native.load_error()))]
@@ -53,7 +53,7 @@ def test_cp_conv4d_layer(benchmark, case, mode, impl):
             y.backward(torch.ones_like(y))
         return y
 
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    run_rounds(benchmark, fn)
     flops = cp_conv4d_flops(shape, cout, k, k, s) * (1 if mode == "fwd" else 3)
     record(benchmark, "cp_conv4d", f"{case} {mode}", impl, flops)
 
@@ -70,7 +70,7 @@ def test_correlation_layer_fwd_bwd(benchmark, impl, c, h):
         out.backward(torch.ones_like(out))
         return out
 
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    run_rounds(benchmark, fn)
     record(benchmark, "correlation", f"1 layer {c}x{h}^2 fwd+bwd", impl, 3 * 2 * c * h**4)
 
 

@@ -10,7 +10,7 @@ import torch
 import tlg
 from tlg.ops import reference as R
 
-from conftest import RESNET50_LAYERS, RESNET50_STACK_IDS, backends_for, encoder_workload, record
+from conftest import RESNET50_LAYERS, RESNET50_STACK_IDS, backends_for, encoder_workload, record, run_rounds
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -41,7 +41,7 @@ def test_correlation_13_layers(benchmark, backend, masked, batch):
     q, s = _features(batch)
     mask = _quarter_mask(batch) if masked else None
     fn = lambda: tlg.ops.multilayer_correlation(q, s, RESNET50_STACK_IDS, mask, backend=backend)  # noqa: E731
-    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    out = run_rounds(benchmark, fn)
     assert [o.shape[1] for o in out] == [3, 6, 4]
     record(benchmark, "correlation", f"13 layers b{batch} {'mask25' if masked else 'full'}", backend, _corr_flops(batch))
 
@@ -51,7 +51,7 @@ def test_correlation_13_layers(benchmark, backend, masked, batch):
 @pytest.mark.parametrize("batch", [1, 4], ids=["b1-quick", "b4"])
 def test_hsnet_encoder(benchmark, backend, mode, batch):
     fn, flops = encoder_workload(backend, mode, batch)
-    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    out = run_rounds(benchmark, fn)
     assert out.shape == (batch, 128, 50, 50)
     record(benchmark, "4d-encoder", f"HSNet encoder {mode} b{batch}", backend, flops)
 
@@ -88,7 +88,7 @@ def test_sinkhorn(benchmark, impl, case):
                                           grad="detach").plan
     else:
         fn = lambda: tlg.ops.sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol, backend=impl).plan  # noqa: E731
-    plan = benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    plan = run_rounds(benchmark, fn)
     a = torch.full(cost.shape[:2], 1.0 / cost.shape[1])
     b = torch.full((cost.shape[0], cost.shape[2]), 1.0 / cost.shape[2])
     err = max(R.sinkhorn_marginal_error(plan, a).max().item(),

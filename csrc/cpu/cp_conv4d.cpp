@@ -607,7 +607,10 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
         }
       }
-      if (dx) {  // query part: dy convolved with Wq flipped (Winograd; 16-row kernel on dy in place; im2col GEMM)
+      if (dx && g.wino && g.Sp == g.S) {  // query part by Winograd, added straight into dx (nothing pruned)
+        winograd_conv3x3_rows<kWino>(uf, g.cin, g.cout, dyb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa,
+                                     dxb + a0 * g.S, g.P * g.S, winograd_scratch<T>());
+      } else if (dx) {  // query part: dy convolved with Wq flipped (Winograd; 16-row kernel on dy in place; im2col GEMM)
         grow(dxq, g.cin * n);
         if (g.wino) {
           std::fill(dxq.begin(), dxq.begin() + g.cin * n, T(0));
