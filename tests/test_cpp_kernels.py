@@ -98,6 +98,8 @@ def test_multilayer_correlation_stack(masked):
     (3, 3, 2, (4, 3, 3, 3)),     # small grid with stride, 44% of the support taps valid: per position
     (3, 3, 1, (4, 3, 2, 3)),     # small grid: one support GEMM over (o, p) x (c, s), zeros in it
     (3, 5, 1, (3, 3, 2, 30)),    # wide, flat grid: per-position support GEMMs
+    (3, 5, 1, (4, 5, 1, 1)),     # 1x1 support grid: Ws's center folded into Wq's
+    (5, 3, 2, (5, 3, 1, 1)),
 ])
 def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
     b, cin, cout = 2, 3, 4
@@ -137,18 +139,19 @@ def test_cp_conv4d_sixteen_channels(cin, cout, kq, ks, stride, sizes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cin,cout,stride,sizes", [
+@pytest.mark.parametrize("cin,cout,stride,sizes", [  # batch 2 x tiles x Sp >= 256 GEMM columns: Winograd
     (16, 32, 1, (5, 7, 3, 4)),   # odd query sizes: partial 2x2 tiles at the right and bottom edges
-    (16, 32, 2, (6, 6, 4, 4)),   # pruned support (HSNet's 64->128 layers)
-    (17, 33, 2, (3, 3, 5, 5)),
-    (32, 32, 1, (7, 5, 2, 2)),   # mixing block shape
-    (16, 33, 1, (5, 4, 2, 3)),   # small unpruned grid: the merged support GEMM has zeros in it
-    (17, 32, 1, (3, 6, 1, 1)),   # 1x1 support grid
-    (16, 32, 1, (1, 1, 3, 3)),   # a 1x1 query grid: one tile, three of its four outputs cut off
+    (16, 32, 2, (12, 12, 4, 4)),  # pruned support (HSNet's 64->128 layers)
+    (17, 33, 2, (7, 9, 5, 5)),
+    (32, 32, 1, (11, 13, 2, 2)),  # mixing block shape
+    (16, 33, 1, (9, 9, 2, 3)),   # small unpruned grid: the merged support GEMM has zeros in it
+    (17, 32, 1, (23, 24, 1, 1)),  # 1x1 support grid: Ws's center folded into Wq's
+    (16, 32, 1, (1, 1, 12, 12)),  # a 1x1 query grid: one tile, three of its four outputs cut off
 ])
 def test_cp_conv4d_winograd_query_path(dtype, cin, cout, stride, sizes):
-    """3x3 query kernels with >= 16 in and >= 32 out channels take the Winograd F(2x2, 3x3) path for the
-    query part of the forward and of grad_x; every output and gradient matches the direct reference."""
+    """3x3 query kernels with >= 16 in and >= 32 out channels and >= 256 GEMM columns take the Winograd
+    F(2x2, 3x3) path for the query part of the forward and both gradients; every output and gradient
+    matches the direct reference."""
     g = torch.Generator().manual_seed(2)
     x = _noncontig(torch.randn(2, cin, *sizes, generator=g, dtype=dtype))
     wq, ws = (torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype) for _ in range(2))

@@ -16,9 +16,12 @@
 //  * per-position path otherwise: the main GEMM has the query taps only, and each p adds a GEMM over
 //    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it
 //    (HSNet's mixing blocks on 2x2 grids);
-//  * 3x3 query kernels with enough channels (HSNet's 64->128 and mixing layers): the query part
-//    by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main GEMM
-//    (winograd.h), in the forward and in both gradients;
+//  * 3x3 query kernels with enough channels and columns (HSNet's 64->128 and mixing layers at 400 px):
+//    the query part by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main
+//    GEMM (winograd.h), in the forward and in both gradients;
+//  * a 1x1 support grid (HSNet's mixing at 200 px): the support kernel's center joins the query
+//    kernel's (folded_query_weights), no support part at all;
+//  * tasks of at least kMinCols GEMM columns while every thread still gets one (small grids);
 //  * Cout = 16 (forward, grad_w) and Cin = 16 (grad_x): AVX-512 16-row kernels that read the query
 //    taps in place from a copy of x (or dy) with zero-padded query dims, no query im2col.
 
@@ -35,6 +38,10 @@ namespace tlg_cpu {
 namespace {
 
 constexpr int kWino = 2;  // Winograd output tile of the 3x3 query convolutions: F(2x2, 3x3)
+// Fewest GEMM columns of a task while every thread still gets one: on small grids (HSNet at 200 px:
+// 13x13 or 25x25 queries, 1x1 or 2x2 supports) thinner GEMMs cost more than the balance gains.
+constexpr int64_t kMinCols = 128;
+constexpr int64_t kMinWinoCols = 256;
 
 struct Geometry {
   int64_t nb, cin, cout, ha, wa, hb, wb, hp, wp, P, S, Sp, kq, ks, kq2, stride;
@@ -44,6 +51,7 @@ struct Geometry {
   std::vector<std::vector<int>> taps;    // tap set -> support taps t = dy ks + dx inside the grid
   std::vector<std::vector<int64_t>> src; // p -> support index read by each tap of its set
   std::vector<int> sidx;  // (t, p) -> support index read by tap t at p, S in the padding
+  bool folded;            // a 1x1 support grid: the support part is folded into Wq (folded_query_weights)
   bool dense;             // few support taps read padding: they join the main GEMM (else per-p GEMMs)
   bool small_s;           // not dense, small support grid: one GEMM over (o, p) x (c, s) for the support part
   bool wino;              // query part by Winograd; tasks are whole tile rows (kWino query rows)
@@ -82,10 +90,11 @@ struct Geometry {
     // Dense while at most a quarter of the support taps read padding (measured: HSNet's 16->64 layers,
     // 64-69% valid, run faster per position), at most half for Cout = 16, whose kernel wants one operand.
     const int64_t all_taps = Sp * ks * ks;
-    dense = cout == 16 ? 2 * valid >= all_taps : 4 * valid >= 3 * all_taps;
+    folded = S == 1;
+    dense = !folded && (cout == 16 ? 2 * valid >= all_taps : 4 * valid >= 3 * all_taps);
     // Per-position support GEMMs merged into one whose weights are zero where s is no tap source of p;
     // worth it while at most 1/3 of that GEMM's products are such zeros (HSNet's 2x2 grids: none).
-    small_s = !dense && 2 * S * Sp <= 3 * valid;
+    small_s = !dense && !folded && 2 * S * Sp <= 3 * valid;
     sidx.assign(ks * ks * Sp, 0);
     for (int64_t t = 0; t < ks * ks; ++t)
       for (int64_t py = 0; py < hp; ++py)
@@ -94,24 +103,29 @@ struct Geometry {
           sidx[t * Sp + py * wp + px] = (sy >= 0 && sy < hb && sx >= 0 && sx < wb) ? static_cast<int>(sy * wb + sx)
                                                                                 : static_cast<int>(S);
         }
-    wino = kq == 3 && cin >= 16 && cout >= 32;
+    // Winograd wants wide GEMMs: at least kMinWinoCols columns (tiles x Sp) in all, else the im2col GEMM
+    // (K = 9 Cin) is faster (measured: HSNet's layer4 64->128 and its 1x1-grid mixing at 200 px).
+    const int64_t wino_cols = nb * ((ha + kWino - 1) / kWino) * ((wa + kWino - 1) / kWino) * Sp;
+    wino = kq == 3 && cin >= 16 && cout >= 32 && wino_cols >= kMinWinoCols;
     if (wino) {  // tasks of tile rows, about 512 GEMM columns (tiles x Sp) per task
-      const int64_t tw = (wa + kWino - 1) / kWino;
-      const int64_t rows = balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / (tw * Sp)));
-      chunk = std::min(P, kWino * rows * wa);
+      const int64_t per_row = (wa + kWino - 1) / kWino * Sp;
+      chunk = std::min(P, kWino * wa * balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / per_row), per_row));
     } else {  // the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache
-      chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)));
+      chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)), Sp);
     }
     nchunks = (P + chunk - 1) / chunk;
   }
-  // Units per task for `units` work units per batch element: about `per`, fewer when that gives less
-  // than 4 tasks per thread, so that the dynamic schedule evens the threads out.
-  int64_t balanced(int64_t units, int64_t per) const {
+  // Units per task for `units` work units (of `cols` GEMM columns each) per batch element: about `per`,
+  // fewer when that gives less than 4 tasks per thread, so that the dynamic schedule evens the threads
+  // out, but not below kMinCols columns while every thread still gets a task.
+  int64_t balanced(int64_t units, int64_t per, int64_t cols) const {
+    auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+    const int64_t threads = num_threads();
     per = std::max<int64_t>(1, std::min(units, per));
-    const int64_t want = 4 * num_threads();
-    if (nb * ((units + per - 1) / per) >= want) return per;
-    const int64_t each = (want + nb - 1) / nb;  // tasks per batch element
-    return std::max<int64_t>(1, (units + each - 1) / each);
+    if (nb * ceil_div(units, per) < 4 * threads) per = std::max<int64_t>(1, ceil_div(units, ceil_div(4 * threads, nb)));
+    const int64_t floor = ceil_div(kMinCols, std::max<int64_t>(cols, 1));
+    const int64_t cap = ceil_div(units, ceil_div(threads, nb));  // the most that still gives each thread a task
+    return std::min(units, std::max(per, std::min(floor, cap)));
   }
   // Rows of the main GEMM: the query taps (unless by Winograd) and, on the dense path, the support taps.
   int64_t k_main(bool with_query) const { return cin * ((with_query ? kq2 : 0) + (dense ? ks * ks : 0)); }
@@ -395,7 +409,7 @@ template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* bias, T* y) {
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
-  const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = (g.dense || g.small_s || g.folded) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const auto uq = g.wino ? winograd_weights<kWino>(wq, g.cout, g.cin) : std::vector<T>();
   const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
@@ -447,7 +461,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         for (int64_t o = 0; o < g.cout; ++o)
           for (int64_t i = 0; i < na; ++i)
             for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
-      } else if (!g.dense) {
+      } else if (!g.dense && !g.folded) {
         grow(tmp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t kp = g.cin * g.nt(p);
@@ -475,7 +489,7 @@ template <typename T>
 void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws) {
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
-  const auto packs = (g.dense || g.small_s) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = (g.dense || g.small_s || g.folded) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
   const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
@@ -583,7 +597,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
         }
       }
-      if (!g.dense && !g.small_s) {  // support part, per p with its valid taps
+      if (!g.dense && !g.small_s && !g.folded) {  // support part, per p with its valid taps
         grow(dyp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t nt = g.nt(p), kp = g.cin * nt, pk = g.pack_of[p];
@@ -643,11 +657,15 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   if (dwq) {  // reduce the per-thread accumulators into (Cout, Cin, k, k)
     std::fill(dwq, dwq + g.cout * g.cin * g.kq2, T(0));
     std::fill(dws, dws + g.cout * g.cin * ks2, T(0));
+    if (g.wino) {  // summed over the threads in the Winograd domain, transformed back once
+      for (int i = 1; i < nthr; ++i)
+        for (size_t e = 0; e < dww_thr[0].size(); ++e) dww_thr[0][e] += dww_thr[i][e];
+      winograd_weight_grad_finish<kWino>(dww_thr[0].data(), g.cout, g.cin, dwq);
+    }
     for (int i = 0; i < nthr; ++i) {
       auto& main = dw_thr[i];
       for (int64_t kk = 0; dw16 && kk < k; ++kk)
         for (int64_t o = 0; o < 16; ++o) main[o * k + kk] += dwt_thr[i][kk * 16 + o];
-      if (g.wino) winograd_weight_grad_finish<kWino>(dww_thr[i].data(), g.cout, g.cin, dwq);
       for (int64_t o = 0; o < g.cout; ++o) {
         for (int64_t j = 0; j < qc; ++j) dwq[o * qc + j] += main[o * k + j];
         if (g.dense)
@@ -701,10 +719,22 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& w
   TORCH_CHECK(wq.scalar_type() == x.scalar_type() && ws.scalar_type() == x.scalar_type(), "cp_conv4d: one dtype");
 }
 
+// A 1x1 support grid (Geometry::folded): the support kernel's one valid tap, its center, reads the same
+// x[:, a, 0] as the query kernel's center tap, so Ws's center adds to Wq's and the support part is free.
+at::Tensor folded_query_weights(const at::Tensor& wq, const at::Tensor& ws) {
+  auto w = wq.clone();
+  const int64_t cq = wq.size(2) / 2, cs = ws.size(2) / 2;
+  w.select(2, cq).select(2, cq).add_(ws.select(2, cs).select(2, cs));
+  return w;
+}
+
+bool support_folded(const at::Tensor& x) { return x.size(4) * x.size(5) == 1; }
+
 at::Tensor cp_conv4d_forward(const at::Tensor& x_, const at::Tensor& wq_, const c10::optional<at::Tensor>& bq,
                              const at::Tensor& ws_, const c10::optional<at::Tensor>& bs, int64_t stride) {
   check_inputs(x_, wq_, ws_, stride);
-  const auto x = prepared(x_), wq = prepared(wq_), ws = prepared(ws_);
+  const auto x = prepared(x_), ws = prepared(ws_);
+  const auto wq = support_folded(x) ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   Geometry g(x, wq, ws, stride);
   auto bias = at::zeros({g.cout}, x.options());  // bias_q + bias_s
   if (bq.has_value() && bq->defined()) bias += bq->to(x.scalar_type());
@@ -721,7 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& wq_, const at::Tensor& ws_, int64_t stride,
     std::array<bool, 3> output_mask) {
   check_inputs(x_, wq_, ws_, stride);
-  const auto x = prepared(x_), wq = prepared(wq_), ws = prepared(ws_);
+  const auto x = prepared(x_), ws = prepared(ws_);
+  const auto wq = support_folded(x) ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
   Geometry g(x, wq, ws, stride);
   TORCH_CHECK(dy.numel() == g.nb * g.cout * g.P * g.Sp, "cp_conv4d backward: grad_out has the wrong size");
@@ -737,6 +768,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
                               dy.data_ptr<scalar_t>(), ptr(dx), ptr(dwq), ptr(dws));
     if (output_mask[2]) bias_grad<scalar_t>(g, dy.data_ptr<scalar_t>(), ptr(db));
   });
+  if (output_mask[1] && g.folded) {  // Ws's center took part as Wq's center; its other taps read padding
+    const int64_t cq = g.kq / 2, cs = g.ks / 2;
+    dws.zero_();
+    dws.select(2, cs).select(2, cs).copy_(dwq.select(2, cq).select(2, cq));
+  }
   const auto dt = x_.scalar_type();
   return {dx.to(dt), dwq.to(dt), db.to(dt), dws.to(dt), db.clone().to(dt)};
 }

@@ -30,23 +30,29 @@ struct WinogradF<2> {  // Bᵀ (α x α), G (α x 3), Aᵀ (m x α)
   static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
 
-// U[ξ, o, c] = (G w[o, c] Gᵀ)[ξ] for w (M, C, 3, 3).
+// The kernel transform as a matrix: (G g Gᵀ)[ξ = (r, q)] = Σ_k K[ξ, k] g[k], K[ξ, (y, x)] = G[r][y] G[q][x]
+// (α² x 9; its entries are products of 0, ±1/2 and 1, exact in any precision).
 template <int Mt, typename T>
-std::vector<T> winograd_weights(const T* w, int64_t m, int64_t c) {
+std::vector<T> winograd_kernel_matrix() {
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
-  std::vector<T> u(A * A * m * c);
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < m; ++o)
-    for (int64_t i = 0; i < c; ++i) {
-      const T* g = w + (o * c + i) * 9;
-      double gg[A][3];  // G g
-      for (int r = 0; r < A; ++r)
-        for (int j = 0; j < 3; ++j) gg[r][j] = F::G[r][0] * g[j] + F::G[r][1] * g[3 + j] + F::G[r][2] * g[6 + j];
-      for (int r = 0; r < A; ++r)
-        for (int q = 0; q < A; ++q)
-          u[((r * A + q) * m + o) * c + i] = T(gg[r][0] * F::G[q][0] + gg[r][1] * F::G[q][1] + gg[r][2] * F::G[q][2]);
-    }
+  std::vector<T> k(A * A * 9);
+  for (int r = 0; r < A; ++r)
+    for (int q = 0; q < A; ++q)
+      for (int y = 0; y < 3; ++y)
+        for (int x = 0; x < 3; ++x) k[(r * A + q) * 9 + y * 3 + x] = T(F::G[r][y] * F::G[q][x]);
+  return k;
+}
+
+// U[ξ, o, c] = (G w[o, c] Gᵀ)[ξ] for w (M, C, 3, 3): one GEMM K (α² x 9) · wᵀ (9 x M C).
+template <int Mt, typename T>
+std::vector<T> winograd_weights(const T* w, int64_t m, int64_t c) {
+  constexpr int A2 = WinogradF<Mt>::a * WinogradF<Mt>::a;
+  const int64_t mc = m * c;
+  std::vector<T> wt(9 * mc), u(A2 * mc);
+  for (int64_t j = 0; j < mc; ++j)
+    for (int k = 0; k < 9; ++k) wt[k * mc + j] = w[j * 9 + k];
+  gemm<T>(false, false, A2, mc, 9, T(1), winograd_kernel_matrix<Mt, T>().data(), 9, wt.data(), mc, T(0), u.data(), mc);
   return u;
 }
 
@@ -217,27 +223,15 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
     gemm<T>(false, true, m, c, N, T(1), e + xi * m * N, N, v + xi * c * N, N, T(1), acc + xi * m * c, c);
 }
 
-// dw[o, c] += Gᵀ acc[:, o, c] G (3x3 from the α x α of acc).
+// dw[o, c] += Gᵀ acc[:, o, c] G (3x3 from the α x α of acc): one GEMM Kᵀ (9 x α²) · acc (α² x M C).
 template <int Mt, typename T>
 void winograd_weight_grad_finish(const T* acc, int64_t m, int64_t c, T* dw) {
-  using F = WinogradF<Mt>;
-  constexpr int A = F::a;
-  for (int64_t o = 0; o < m; ++o)
-    for (int64_t i = 0; i < c; ++i) {
-      double b[3][A];  // Gᵀ acc
-      for (int k = 0; k < 3; ++k)
-        for (int q = 0; q < A; ++q) {
-          b[k][q] = 0;
-          for (int r = 0; r < A; ++r) b[k][q] += F::G[r][k] * acc[((r * A + q) * m + o) * c + i];
-        }
-      T* d = dw + (o * c + i) * 9;
-      for (int k = 0; k < 3; ++k)
-        for (int l = 0; l < 3; ++l) {
-          double sum = 0;
-          for (int q = 0; q < A; ++q) sum += b[k][q] * F::G[q][l];
-          d[k * 3 + l] += T(sum);
-        }
-    }
+  constexpr int A2 = WinogradF<Mt>::a * WinogradF<Mt>::a;
+  const int64_t mc = m * c;
+  std::vector<T> t(9 * mc);
+  gemm<T>(true, false, 9, mc, A2, T(1), winograd_kernel_matrix<Mt, T>().data(), 9, acc, mc, T(0), t.data(), mc);
+  for (int64_t j = 0; j < mc; ++j)
+    for (int k = 0; k < 9; ++k) dw[j * 9 + k] += t[k * mc + j];
 }
 
 }  // namespace tlg_cpu
