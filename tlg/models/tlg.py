@@ -255,8 +255,14 @@ class TLG(FewShotSegmenter):
         return self.proj(y.transpose(1, 2)).view(b, c, h, w)
 
     def residual(self, mid: torch.Tensor, size: tuple[int, int], pool: nn.Module) -> torch.Tensor:
-        """Heterogeneous residual: mid-level tap at twice ``size``, 1x1 conv to 128, 2x2 pool."""
-        return pool(self._reduce(resize(mid, (2 * size[0], 2 * size[1]))))
+        """Heterogeneous residual: mid-level tap at twice ``size``, 1x1 conv to 128, 2x2 pool.
+
+        The conv runs before the resize (the published code resizes first): the same function, as a
+        1x1 conv commutes with a bilinear resize, whose weights sum to one, but the resize then moves
+        128 channels instead of 1024 (ResNet50's layer3), and the conv and its backward run at the
+        tap's own size.
+        """
+        return pool(resize(self._reduce(mid), (2 * size[0], 2 * size[1])))
 
     def _text_embeddings(self, batch: Mapping[str, Any]) -> torch.Tensor:
         emb = batch.get("text_embeddings")
