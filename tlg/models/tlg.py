@@ -302,11 +302,13 @@ class TLG(FewShotSegmenter):
         # HA: heterogeneous taps, correlations both ways through the shared 4D encoder, cross-merge
         s_feat = self.aggregate(support_taps, self.support_taps)
         q_feat = self.aggregate(query_taps, self.query_taps)
-        corr_q = ops.multilayer_correlation(query_taps, support_taps, stack_ids,
-                                            None if released else support_mask, backend=backend)
-        corr_s = ops.multilayer_correlation(support_taps, query_taps, stack_ids,
-                                            None if released else query_pseudo, backend=backend)
-        enc_q, enc_s = self.hpn_learner([torch.cat(pair) for pair in zip(corr_q, corr_s)]).chunk(2)
+        # both directions as one batch (query->support, then support->query): the encoder's input
+        # comes out stacked, with no copy of the volumes
+        corr = ops.multilayer_correlation([torch.cat([q, s]) for q, s in zip(query_taps, support_taps)],
+                                          [torch.cat([s, q]) for q, s in zip(query_taps, support_taps)], stack_ids,
+                                          None if released else torch.cat([support_mask, query_pseudo]),
+                                          backend=backend)
+        enc_q, enc_s = self.hpn_learner(corr).chunk(2)
         s_feat = self.merge(torch.cat([s_feat, enc_q], dim=1))
         q_feat = self.merge(torch.cat([q_feat, enc_s], dim=1))
 
