@@ -21,7 +21,7 @@ import torch
 
 import tlg
 
-from conftest import compiled_backends, record
+from conftest import compiled_backends, record, run_rounds
 
 MODEL_OPS = {"hsnet": ("correlation", "cp_conv4d"), "tlg": ("correlation", "cp_conv4d", "sinkhorn")}
 HEAVY = os.environ.get("TLG_BENCH_HEAVY") == "1"
@@ -102,8 +102,7 @@ def test_model(benchmark, name, size, batch, heavy, mode, backend):
             loss.backward()
             return logits
 
-    quick = (size, batch) == (200, 1)
-    out = benchmark.pedantic(fn, rounds=3 if quick else 1, warmup_rounds=1)  # whole models: seconds per call
+    out = run_rounds(benchmark, fn, budget_s=3.0)  # at least 3 rounds: the reference's time moves between runs
     assert out.shape == (batch, 2, size, size)
     peak = peak_memory_mb(fn)
     benchmark.extra_info["peak_memory_mb"] = peak
@@ -126,7 +125,6 @@ def test_backbone_alone(benchmark, name, size, batch, heavy):
         with torch.no_grad():
             return model.backbone(data["query_img"]), model.backbone(data["support_imgs"].flatten(0, 1))
 
-    quick = (size, batch) == (200, 1)
-    query_taps, _ = benchmark.pedantic(fn, rounds=3 if quick else 1, warmup_rounds=1)
+    query_taps, _ = run_rounds(benchmark, fn, budget_s=3.0)
     assert len(query_taps) == model.backbone.stack_ids[-1]  # every tap of the backbone (13 for ResNet50)
     record(benchmark, f"model {name}", f"resnet50 {size}px b{batch} backbone only", "torch")
