@@ -114,6 +114,40 @@ def run_rounds(benchmark, fn, budget_s: float = 1.0, max_rounds: int = 30):
     return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
+def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10) -> dict:
+    """Time several implementations of one case round by round, in turn (a, b, a, b, ...): this shared
+    machine's speed drifts over seconds, and back-to-back blocks of rounds would charge the drift to
+    one side. At least 3 rounds each, as many as fit in about ``budget_s``, after one warm-up call of
+    each. pytest-benchmark times the whole alternation; returns each implementation's round times (s)."""
+    once = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        once[name] = time.perf_counter() - t0
+    times: dict = {name: [] for name in fns}
+    if getattr(benchmark, "disabled", False):  # --benchmark-disable: the warm-up calls were the smoke test
+        benchmark(lambda: None)
+        return times
+    rounds = int(min(max_rounds, max(3, budget_s / max(sum(once.values()), 1e-9))))
+
+    def alternate():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(alternate, rounds=1, iterations=1)
+    benchmark.extra_info["rounds_s"] = times
+    return times
+
+
+def record_times(group: str, case: str, impl: str, times: list, extra: str = "") -> None:
+    """A summary-table row from round times measured by hand (run_interleaved): their mean."""
+    if times:
+        _ROWS.append(Row(group, case, impl, sum(times) / len(times), None, extra))
+
+
 def record(benchmark, group: str, case: str, impl: str, flops: int | None = None, extra: str = "") -> None:
     """Attach GFLOP/s to a finished pytest-benchmark run and remember it for the summary table."""
     stats = getattr(benchmark, "stats", None)

@@ -21,7 +21,7 @@ import torch
 
 import tlg
 
-from conftest import compiled_backends, record, run_rounds
+from conftest import compiled_backends, record, record_times, run_interleaved, run_rounds
 
 MODEL_OPS = {"hsnet": ("correlation", "cp_conv4d"), "tlg": ("correlation", "cp_conv4d", "sinkhorn")}
 HEAVY = os.environ.get("TLG_BENCH_HEAVY") == "1"
@@ -72,17 +72,8 @@ def peak_memory_mb(fn) -> float:
     return peak / 2**20
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("size,batch,heavy", list(_cases()))
-@pytest.mark.parametrize("name", ["hsnet", "tlg"])
-def test_model(benchmark, name, size, batch, heavy, mode, backend):
-    if heavy and not HEAVY:
-        pytest.skip("batch 4 at 400x400: set TLG_BENCH_HEAVY=1 to run it")
-    info = tlg.ops.backend_info()["backends"].get(backend, {})
-    lacking = [op for op in MODEL_OPS[name] if backend != "reference" and not info.get("ops", {}).get(op)]
-    if lacking:
-        pytest.skip(f"backend {backend} has no kernel for {', '.join(lacking)}")
+def _step(name: str, size: int, batch: int, mode: str, backend: str):
+    """One call of the model on tlg.ops' ``backend``: inference, or a training step."""
     torch.manual_seed(0)
     config = {"img_size": size} if name == "tlg" else {}
     model = tlg.build_model(name, backbone="resnet50", backend=backend, **config)
@@ -101,12 +92,28 @@ def test_model(benchmark, name, size, batch, heavy, mode, backend):
             loss, logits = model.loss(data)
             loss.backward()
             return logits
+    return fn
 
-    out = run_rounds(benchmark, fn, budget_s=3.0)  # at least 3 rounds: the reference's time moves between runs
-    assert out.shape == (batch, 2, size, size)
-    peak = peak_memory_mb(fn)
-    benchmark.extra_info["peak_memory_mb"] = peak
-    record(benchmark, f"model {name}", f"resnet50 {size}px b{batch} {mode}", backend, None, f"peak {peak:.0f} MiB")
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("size,batch,heavy", list(_cases()))
+@pytest.mark.parametrize("name", ["hsnet", "tlg"])
+def test_model(benchmark, name, size, batch, heavy, mode):
+    """Every backend that has the model's ops, timed in turn round by round (run_interleaved)."""
+    if heavy and not HEAVY:
+        pytest.skip("batch 4 at 400x400: set TLG_BENCH_HEAVY=1 to run it")
+    backends = tlg.ops.backend_info()["backends"]
+    names = [b for b in _backends()
+             if b == "reference" or all(backends.get(b, {}).get("ops", {}).get(op) for op in MODEL_OPS[name])]
+    fns = {b: _step(name, size, batch, mode, b) for b in names}
+    for fn in fns.values():
+        assert fn().shape == (batch, 2, size, size)
+    times = run_interleaved(benchmark, fns)
+    for backend, fn in fns.items():
+        peak = peak_memory_mb(fn)
+        benchmark.extra_info[f"peak_memory_mb_{backend}"] = peak
+        record_times(f"model {name}", f"resnet50 {size}px b{batch} {mode}", backend, times[backend],
+                     f"peak {peak:.0f} MiB")
 
 
 @pytest.mark.parametrize("size,batch,heavy", list(_cases()))
