@@ -130,6 +130,8 @@ struct Geometry {
   // Rows of the main GEMM: the query taps (unless by Winograd) and, on the dense path, the support taps.
   int64_t k_main(bool with_query) const { return cin * ((with_query ? kq2 : 0) + (dense ? ks * ks : 0)); }
   int64_t nt(int64_t p) const { return taps[pack_of[p]].size(); }
+  // The support part as one GEMM per output position p over its own valid taps.
+  bool per_position() const { return !dense && !small_s && !folded; }
 };
 
 // Per-thread scratch kept across calls: a task's buffers (MiBs) cost no page faults or zero fills after
@@ -409,7 +411,7 @@ template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* bias, T* y) {
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
-  const auto packs = (g.dense || g.small_s || g.folded) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const auto uq = g.wino ? winograd_weights<kWino>(wq, g.cout, g.cin) : std::vector<T>();
   const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
@@ -461,7 +463,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         for (int64_t o = 0; o < g.cout; ++o)
           for (int64_t i = 0; i < na; ++i)
             for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
-      } else if (!g.dense && !g.folded) {
+      } else if (g.per_position()) {
         grow(tmp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t kp = g.cin * g.nt(p);
@@ -489,7 +491,7 @@ template <typename T>
 void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws) {
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
-  const auto packs = (g.dense || g.small_s || g.folded) ? std::vector<std::vector<T>>() : tap_weights(g, ws);
+  const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
   const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
   const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
@@ -597,7 +599,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
         }
       }
-      if (!g.dense && !g.small_s && !g.folded) {  // support part, per p with its valid taps
+      if (g.per_position()) {  // support part, per p with its valid taps
         grow(dyp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t nt = g.nt(p), kp = g.cin * nt, pk = g.pack_of[p];
