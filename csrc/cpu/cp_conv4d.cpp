@@ -730,14 +730,12 @@ at::Tensor folded_query_weights(const at::Tensor& wq, const at::Tensor& ws) {
   return w;
 }
 
-bool support_folded(const at::Tensor& x) { return x.size(4) * x.size(5) == 1; }
-
 at::Tensor cp_conv4d_forward(const at::Tensor& x_, const at::Tensor& wq_, const c10::optional<at::Tensor>& bq,
                              const at::Tensor& ws_, const c10::optional<at::Tensor>& bs, int64_t stride) {
   check_inputs(x_, wq_, ws_, stride);
   const auto x = prepared(x_), ws = prepared(ws_);
-  const auto wq = support_folded(x) ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
-  Geometry g(x, wq, ws, stride);
+  Geometry g(x, wq_, ws, stride);  // shapes only
+  const auto wq = g.folded ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   auto bias = at::zeros({g.cout}, x.options());  // bias_q + bias_s
   if (bq.has_value() && bq->defined()) bias += bq->to(x.scalar_type());
   if (bs.has_value() && bs->defined()) bias += bs->to(x.scalar_type());
@@ -754,9 +752,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
     std::array<bool, 3> output_mask) {
   check_inputs(x_, wq_, ws_, stride);
   const auto x = prepared(x_), ws = prepared(ws_);
-  const auto wq = support_folded(x) ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
+  Geometry g(x, wq_, ws, stride);  // shapes only
+  const auto wq = g.folded ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
-  Geometry g(x, wq, ws, stride);
   TORCH_CHECK(dy.numel() == g.nb * g.cout * g.P * g.Sp, "cp_conv4d backward: grad_out has the wrong size");
   auto none = x.new_empty({0});
   auto dx = output_mask[0] ? at::empty_like(x) : none;  // every task zeroes its own rows first
