@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tlg.models.components import HypercorrelationEncoder
+from tlg.models.components import ENCODER_CHANNELS, HypercorrelationEncoder
 from tlg.ops import _backends
 
 # ResNet50 at 400x400: HSNet's 13 taps (layer2: 50x50x512 x4, layer3: 25x25x1024 x6, layer4: 13x13x2048 x3)
@@ -71,22 +71,33 @@ def encoder_workload(backend: str, mode: str, batch: int, device: str = "cpu"):
     return (forward if mode == "fwd" else forward_backward), flops
 
 
+ENCODER_SQUEEZE = {13: ([3, 3, 3], [2, 2, 2]), 25: ([5, 3, 3], [4, 2, 2]), 50: ([5, 5, 3], [4, 4, 2])}
+
+
+def encoder_layers(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> list[tuple[str, tuple, int, int, int]]:
+    """The center-pivot layers of one :class:`HSNetEncoder` forward, in order: (name, x shape, Cout,
+    kernel, support stride). Names: ``l4.0`` .. ``l2.2`` for the squeezing blocks (query side 13, 25,
+    50 at 400x400), ``mix43.i`` and ``mix32.i`` for the mixing blocks."""
+    out = []
+    final_support = {}
+    for n, h in zip(layers, sizes):
+        shape = (batch, n, h, h, h, h)
+        name = {13: "l4", 25: "l3", 50: "l2"}[h]
+        for i, (cout, k, s) in enumerate(zip(ENCODER_CHANNELS, *ENCODER_SQUEEZE[h])):
+            out.append((f"{name}.{i}", shape, cout, k, s))
+            shape = (batch, cout, h, h, -(-shape[4] // s), -(-shape[5] // s))
+        final_support[h] = shape[4:]
+    for name, h in zip(("mix43", "mix32"), sizes[1:]):  # at the query size of layer3 and layer2
+        for i in range(3):
+            out.append((f"{name}.{i}", (batch, 128, h, h, *final_support[h]), 128, 3, 1))
+    return out
+
+
 def encoder_flops(batch: int, sizes=(13, 25, 50), layers=(3, 6, 4)) -> int:
     """Center-pivot conv FLOPs of one :class:`HSNetEncoder` forward (norms and resizes excluded)."""
     from tlg.ops.reference import cp_conv4d_flops
 
-    total = 0
-    specs = {13: ([3, 3, 3], [2, 2, 2]), 25: ([5, 3, 3], [4, 2, 2]), 50: ([5, 5, 3], [4, 4, 2])}
-    final_support = {}
-    for n, h in zip(layers, sizes):
-        shape = [batch, n, h, h, h, h]
-        for cout, k, s in zip((16, 64, 128), *specs[h]):
-            total += cp_conv4d_flops(shape, cout, k, k, s)
-            shape = [batch, cout, h, h, -(-shape[4] // s), -(-shape[5] // s)]
-        final_support[h] = shape[4:]
-    for h in sizes[1:]:  # mixing at the query size of layer3 and layer2, support dims of that stack
-        total += 3 * cp_conv4d_flops([batch, 128, h, h, *final_support[h]], 128, 3, 3, 1)
-    return total
+    return sum(cp_conv4d_flops(shape, cout, k, k, s) for _, shape, cout, k, s in encoder_layers(batch, sizes, layers))
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -114,20 +125,21 @@ def run_rounds(benchmark, fn, budget_s: float = 1.0, max_rounds: int = 30):
     return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
-def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10) -> dict:
+def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10) -> tuple[dict, dict]:
     """Time several implementations of one case round by round, in turn (a, b, a, b, ...): this shared
     machine's speed drifts over seconds, and back-to-back blocks of rounds would charge the drift to
     one side. At least 3 rounds each, as many as fit in about ``budget_s``, after one warm-up call of
-    each. pytest-benchmark times the whole alternation; returns each implementation's round times (s)."""
-    once = {}
+    each. pytest-benchmark times the whole alternation. Returns each implementation's round times (s)
+    and the result of its warm-up call (for the caller's checks)."""
+    once, outputs = {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
-        fn()
+        outputs[name] = fn()
         once[name] = time.perf_counter() - t0
     times: dict = {name: [] for name in fns}
     if getattr(benchmark, "disabled", False):  # --benchmark-disable: the warm-up calls were the smoke test
         benchmark(lambda: None)
-        return times
+        return times, outputs
     rounds = int(min(max_rounds, max(3, budget_s / max(sum(once.values()), 1e-9))))
 
     def alternate():
@@ -139,13 +151,33 @@ def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)
     benchmark.extra_info["rounds_s"] = times
-    return times
+    return times, outputs
 
 
-def record_times(group: str, case: str, impl: str, times: list, extra: str = "") -> None:
+def compare(benchmark, group: str, case: str, fns: dict, flops: int | None = None, budget_s: float | None = None,
+            max_rounds: int = 100, note=None) -> dict:
+    """The kernel cases' harness: every implementation of ``case`` timed in turn (run_interleaved, about
+    a second per implementation, up to ``max_rounds`` rounds), one summary-table row each (mean time,
+    GFLOP/s from ``flops``, ``note(impl, warm-up result)`` as its note). Returns the warm-up results."""
+    budget = len(fns) * 1.0 if budget_s is None else budget_s
+    times, outputs = run_interleaved(benchmark, fns, budget_s=budget, max_rounds=max_rounds)
+    benchmark.extra_info.update({"group": group, "case": case, "flops": flops})
+    for impl, t in times.items():
+        text = note(impl, outputs[impl]) if note else ""
+        record_times(group, case, impl, t, text, flops)
+        if t:
+            mean = sum(t) / len(t)
+            benchmark.extra_info[f"mean_s_{impl}"] = mean
+            benchmark.extra_info[f"gflops_{impl}"] = flops / mean / 1e9 if flops else None
+            benchmark.extra_info[f"note_{impl}"] = text
+    return outputs
+
+
+def record_times(group: str, case: str, impl: str, times: list, extra: str = "", flops: int | None = None) -> None:
     """A summary-table row from round times measured by hand (run_interleaved): their mean."""
     if times:
-        _ROWS.append(Row(group, case, impl, sum(times) / len(times), None, extra))
+        mean = sum(times) / len(times)
+        _ROWS.append(Row(group, case, impl, mean, flops / mean / 1e9 if flops else None, extra))
 
 
 def record(benchmark, group: str, case: str, impl: str, flops: int | None = None, extra: str = "") -> None:

@@ -2,8 +2,11 @@
 
 The headline cases (13-layer correlation, HSNet encoder, Sinkhorn with POT's batch solver) are in
 ``test_bench_kernels.py``, which times every backend, cpp included. This file adds what those
-leave out for the CPU kernels: the heaviest single center-pivot layers forward and forward+backward,
-a single correlation layer forward+backward, and the peak memory of the encoder's forward+backward.
+leave out for the CPU kernels: every center-pivot layer of the HSNet encoder at 400x400, batch 1,
+forward and forward+backward (the layer's input needs a gradient unless it is a block's first layer,
+whose input is a correlation stack, as in the models), a single correlation layer forward+backward,
+and the peak memory of the encoder's forward+backward. Implementations are timed in turn
+(``conftest.compare``).
 
 Peak memory is the growth of the process's peak resident set (``ru_maxrss``) during one
 forward+backward, each implementation in a fresh subprocess after its inputs are built.
@@ -22,56 +25,58 @@ import tlg
 from tlg.ops import _native
 from tlg.ops.reference import cp_conv4d_flops
 
-from conftest import record, run_rounds
+from conftest import compare, encoder_layers
 
 pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.skipif(_native.load_error() is not None, reason=str(_native.load_error()))]
 
 IMPLS = ["reference", "cpp"]
 
-# (case, x shape, cout, k, stride): the costliest layers of HSNet's encoder at 400x400
-CONV_LAYERS = {
-    "layer2-first 4->16 k5 s4 50^4": ((1, 4, 50, 50, 50, 50), 16, 5, 4),
-    "mix3to2 128->128 k3 s1 50^2x2^2": ((1, 128, 50, 50, 2, 2), 128, 3, 1),
-    "layer3-first 6->16 k5 s4 25^4": ((1, 6, 25, 25, 25, 25), 16, 5, 4),
-}
+# name -> (x shape, Cout, kernel, stride): the encoder's layers at 400x400, batch 1 (mixing layers
+# repeat one shape three times: one case each)
+CONV_LAYERS = {name: layer for name, *layer in encoder_layers(1) if not name.startswith("mix") or name.endswith(".0")}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("case", list(CONV_LAYERS))
-def test_cp_conv4d_layer(benchmark, case, mode, impl):
-    shape, cout, k, s = CONV_LAYERS[case]
+@pytest.mark.parametrize("name", list(CONV_LAYERS))
+def test_cp_conv4d_layer(benchmark, name, mode):
+    shape, cout, k, s = CONV_LAYERS[name]
+    train = mode != "fwd"
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(*shape, generator=g, requires_grad=mode != "fwd")
-    wq, ws = (torch.randn(cout, shape[1], k, k, generator=g).mul_(0.1).requires_grad_(mode != "fwd") for _ in range(2))
-    bq, bs = (torch.zeros(cout, requires_grad=mode != "fwd") for _ in range(2))
+    first = name.endswith(".0") and not name.startswith("mix")  # its input is a correlation stack
+    x = torch.rand(*shape, generator=g, requires_grad=train and not first)
+    wq, ws = (torch.randn(cout, shape[1], k, k, generator=g).mul_(0.1).requires_grad_(train) for _ in range(2))
+    bq, bs = (torch.zeros(cout, requires_grad=train) for _ in range(2))
+    grad = torch.randn(shape[0], cout, *shape[2:4], -(-shape[4] // s), -(-shape[5] // s), generator=g)
+    wanted = [t for t in (x, wq, ws, bq, bs) if t.requires_grad]
 
-    def fn():
+    def run(impl: str):
+        if not train:
+            with torch.no_grad():
+                return tlg.ops.cp_conv4d(x, wq, bq, ws, bs, s, backend=impl)
         y = tlg.ops.cp_conv4d(x, wq, bq, ws, bs, s, backend=impl)
-        if mode != "fwd":
-            y.backward(torch.ones_like(y))
+        torch.autograd.grad(y, wanted, grad)
         return y
 
-    run_rounds(benchmark, fn)
-    flops = cp_conv4d_flops(shape, cout, k, k, s) * (1 if mode == "fwd" else 3)
-    record(benchmark, "cp_conv4d", f"{case} {mode}", impl, flops)
+    outs = compare(benchmark, "cp_conv4d", f"{name} {shape[1]}->{cout} k{k} s{s} "
+                   f"{shape[2]}^2x{shape[4]}^2 {mode}", {impl: (lambda impl=impl: run(impl)) for impl in IMPLS},
+                   cp_conv4d_flops(shape, cout, k, k, s) * (1 if not train else 2 if first else 3))
+    assert all(o.shape == outs["reference"].shape for o in outs.values())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("c,h", [(512, 50), (2048, 13)], ids=["layer2", "layer4"])
-def test_correlation_layer_fwd_bwd(benchmark, impl, c, h):
+def test_correlation_layer_fwd_bwd(benchmark, c, h):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, c, h, h, generator=g, requires_grad=True)
     s = torch.randn(1, c, h, h, generator=g, requires_grad=True)
 
-    def fn():
+    def run(impl: str):
         out = tlg.ops.correlation(q, s, backend=impl)
         out.backward(torch.ones_like(out))
         return out
 
-    run_rounds(benchmark, fn)
-    record(benchmark, "correlation", f"1 layer {c}x{h}^2 fwd+bwd", impl, 3 * 2 * c * h**4)
+    compare(benchmark, "correlation", f"1 layer {c}x{h}^2 fwd+bwd", {impl: (lambda impl=impl: run(impl)) for impl in IMPLS},
+            3 * 2 * c * h**4)
 
 
 _PEAK_SCRIPT = r"""

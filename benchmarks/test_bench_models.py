@@ -106,9 +106,9 @@ def test_model(benchmark, name, size, batch, heavy, mode):
     names = [b for b in _backends()
              if b == "reference" or all(backends.get(b, {}).get("ops", {}).get(op) for op in MODEL_OPS[name])]
     fns = {b: _step(name, size, batch, mode, b) for b in names}
-    for fn in fns.values():
-        assert fn().shape == (batch, 2, size, size)
-    times = run_interleaved(benchmark, fns)
+    times, outputs = run_interleaved(benchmark, fns)
+    for out in outputs.values():
+        assert out.shape == (batch, 2, size, size)
     for backend, fn in fns.items():
         peak = peak_memory_mb(fn)
         benchmark.extra_info[f"peak_memory_mb_{backend}"] = peak
