@@ -125,12 +125,16 @@ def run_rounds(benchmark, fn, budget_s: float = 1.0, max_rounds: int = 30):
     return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
-def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10) -> tuple[dict, dict]:
+def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10,
+                    block_s: float = 0.05) -> tuple[dict, dict]:
     """Time several implementations of one case round by round, in turn (a, b, a, b, ...): this shared
     machine's speed drifts over seconds, and back-to-back blocks of rounds would charge the drift to
     one side. At least 3 rounds each, as many as fit in about ``budget_s``, after one warm-up call of
-    each. pytest-benchmark times the whole alternation. Returns each implementation's round times (s)
-    and the result of its warm-up call (for the caller's checks)."""
+    each. An implementation faster than ``block_s`` runs a block of calls per round (one sample: their
+    mean) after one untimed call, so that a sub-millisecond kernel is not timed cold, its thread team
+    asleep and its caches refilled by the implementation before it. pytest-benchmark times the whole
+    alternation. Returns each implementation's per-call times (s) and the result of its warm-up call
+    (for the caller's checks)."""
     once, outputs = {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -140,17 +144,23 @@ def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int
     if getattr(benchmark, "disabled", False):  # --benchmark-disable: the warm-up calls were the smoke test
         benchmark(lambda: None)
         return times, outputs
-    rounds = int(min(max_rounds, max(3, budget_s / max(sum(once.values()), 1e-9))))
+    block = {name: max(1, int(block_s / max(t, 1e-9))) for name, t in once.items()}
+    per_round = sum(once[name] * (block[name] + (block[name] > 1)) for name in fns)
+    rounds = int(min(max_rounds, max(3, budget_s / max(per_round, 1e-9))))
 
     def alternate():
         for _ in range(rounds):
             for name, fn in fns.items():
+                if block[name] > 1:
+                    fn()
                 t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                for _ in range(block[name]):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / block[name])
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)
     benchmark.extra_info["rounds_s"] = times
+    benchmark.extra_info["calls_per_round"] = block
     return times, outputs
 
 
