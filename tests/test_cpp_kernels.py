@@ -35,13 +35,18 @@ def _mask(kind, b, h, w, dtype):
         return torch.zeros(b, h, w, dtype=dtype)
     if kind == "full":
         return torch.ones(b, h, w, dtype=dtype)
+    if kind == "box":  # runs of kept columns that start and end rows (the output is written run by run)
+        m = torch.zeros(b, h, w, dtype=dtype)
+        m[:, 1:4, : w // 2] = 1
+        m[:, h - 1, w // 3:] = 0.5
+        return m
     m = (torch.rand(b, h, w) > 0.6).to(dtype) * torch.rand(b, h, w, dtype=dtype)  # soft values, many zeros
     m[0] = 0  # one batch element with an empty support
     return m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mask", [None, "empty", "full", "partial", "resized"])
+@pytest.mark.parametrize("mask", [None, "empty", "full", "partial", "box", "resized"])
 def test_correlation_matches_reference(dtype, mask):
     b, c, hq, wq, hs, ws = 2, 5, 13, 7, 6, 25
     q = _noncontig(torch.randn(b, c, hq, wq, dtype=dtype))

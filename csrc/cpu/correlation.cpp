@@ -51,12 +51,29 @@ std::vector<int64_t> kept_columns(const T* mask, int64_t ns) {
   return cols;
 }
 
+// A run of consecutive kept support columns: kept index kk0 .. kk0 + len - 1 are columns j0 .. j0 + len - 1.
+struct Run {
+  int64_t kk0, j0, len;
+};
+
+// The runs of `cols` (increasing): a rectangular mask on an H x W grid gives one run per masked grid row.
+inline std::vector<Run> column_runs(const std::vector<int64_t>& cols) {
+  std::vector<Run> runs;
+  for (int64_t kk = 0; kk < static_cast<int64_t>(cols.size()); ++kk)
+    if (!runs.empty() && cols[kk] == runs.back().j0 + runs.back().len)
+      ++runs.back().len;
+    else
+      runs.push_back({kk, cols[kk], 1});
+  return runs;
+}
+
 // The per-(batch, layer) prepared operands: query norms n_i and 1 / (n_i + eps); the support at its K kept
-// columns: norms n_k = |m_j| ||s_j||, scales r_k = m_j / (n_k + eps) and Ŝ (C x K) = s_j r_k.
+// columns (and their runs): norms n_k = |m_j| ||s_j||, scales r_k = m_j / (n_k + eps) and Ŝ (C x K) = s_j r_k.
 template <typename T>
 struct Packed {
   std::vector<T> norm_q, inv_q, norm_s, scale, shat;
   std::vector<int64_t> cols;
+  std::vector<Run> runs;
 };
 
 template <typename T>
@@ -95,6 +112,7 @@ std::vector<Packed<T>> pack_all(const std::vector<at::Tensor>& qs, const std::ve
     } else {
       const T* m = mask.defined() ? mask.data_ptr<T>() + b * ns : nullptr;
       p.cols = kept_columns(m, ns);
+      p.runs = column_runs(p.cols);
       pack_support(ss[l].data_ptr<T>() + b * c * ns, m, c, ns, eps, p);
     }
   }
@@ -142,9 +160,16 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
         O* oi = dst + i * ns;
         if (direct) {
           for (int64_t j = 0; j < ns; ++j) gi[j] = std::max(T(0), gi[j] * iq);
-        } else {
-          if (k < ns) std::fill(oi, oi + ns, O(0));
-          for (int64_t kk = 0; kk < k; ++kk) oi[p.cols[kk]] = static_cast<O>(std::max(T(0), gi[kk] * iq));
+        } else {  // run by run, the skipped columns between them zero: every output value written once
+          int64_t j = 0;
+          for (const Run& run : p.runs) {
+            std::fill(oi + j, oi + run.j0, O(0));
+            const T* src = gi + run.kk0;
+            O* dst = oi + run.j0;
+            for (int64_t t = 0; t < run.len; ++t) dst[t] = static_cast<O>(std::max(T(0), src[t] * iq));
+            j = run.j0 + run.len;
+          }
+          std::fill(oi + j, oi + ns, O(0));
         }
       }
     }
