@@ -236,15 +236,21 @@ const T* pruned_x(const Geometry& g, const T* x, std::vector<T>& buf) {
 }
 
 // The valid support taps of one p (per-position path): col[(c, ti), i] = x[c, a0 + i, src_p(ti)].
+// In blocks of 16 query positions, whose 16 rows x[c, a0 + i, :] stay in L1 while every tap reads them.
 template <typename T>
 void support_cols_at(const Geometry& g, const T* xb, int64_t p, int64_t a0, int64_t na, T* col) {
   const auto& src = g.src[p];
   const int64_t nt = src.size();
+  constexpr int64_t kBlock = 16;
   for (int64_t c = 0; c < g.cin; ++c)
-    for (int64_t ti = 0; ti < nt; ++ti) {
-      const T* in = xb + c * g.P * g.S + a0 * g.S + src[ti];
-      T* out = col + (c * nt + ti) * na;
-      for (int64_t i = 0; i < na; ++i) out[i] = in[i * g.S];
+    for (int64_t i0 = 0; i0 < na; i0 += kBlock) {
+      const int64_t i1 = std::min(na, i0 + kBlock);
+      const T* rows = xb + c * g.P * g.S + (a0 + i0) * g.S;
+      for (int64_t ti = 0; ti < nt; ++ti) {
+        const T* in = rows + src[ti];
+        T* out = col + (c * nt + ti) * na + i0;
+        for (int64_t i = 0; i < i1 - i0; ++i) out[i] = in[i * g.S];
+      }
     }
 }
 
