@@ -209,6 +209,7 @@ template <typename T>
 std::vector<T> big_weights(const Geometry& g, const T* ws) {
   const int64_t ks2 = g.ks * g.ks, kb = g.cin * g.S;
   std::vector<T> w(g.cout * g.Sp * kb, T(0));
+#pragma omp parallel for
   for (int64_t o = 0; o < g.cout; ++o)
     for (int64_t p = 0; p < g.Sp; ++p)
       for (int64_t t = 0; t < ks2; ++t) {
@@ -387,16 +388,18 @@ std::vector<T> main_weights(const Geometry& g, const T* wq, const T* ws, bool wi
 // Per tap set (per-position path): Ws restricted to the set, Cout x Cin |T|.
 template <typename T>
 std::vector<std::vector<T>> tap_weights(const Geometry& g, const T* ws) {
-  std::vector<std::vector<T>> packs;
-  const int64_t ks2 = g.ks * g.ks;
-  for (const auto& taps : g.taps) {
-    const int64_t nt = taps.size();
-    std::vector<T> w(g.cout * g.cin * nt);
-    for (int64_t o = 0; o < g.cout; ++o)
+  const int64_t ks2 = g.ks * g.ks, nsets = g.taps.size();
+  std::vector<std::vector<T>> packs(nsets);
+  for (int64_t k = 0; k < nsets; ++k) packs[k].resize(g.cout * g.cin * g.taps[k].size());
+#pragma omp parallel for collapse(2)
+  for (int64_t k = 0; k < nsets; ++k)
+    for (int64_t o = 0; o < g.cout; ++o) {
+      const auto& taps = g.taps[k];
+      const int64_t nt = taps.size();
+      T* w = packs[k].data();
       for (int64_t c = 0; c < g.cin; ++c)
         for (int64_t ti = 0; ti < nt; ++ti) w[(o * g.cin + c) * nt + ti] = ws[(o * g.cin + c) * ks2 + taps[ti]];
-    packs.push_back(std::move(w));
-  }
+    }
   return packs;
 }
 
