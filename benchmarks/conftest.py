@@ -1,8 +1,8 @@
 """Shared benchmark harness: realistic shapes, the HSNet 4D encoder, GFLOP/s and a GEMM roofline.
 
-Every kernel is timed beside the reference in the same run. At the end, a table prints each
-case's mean time, GFLOP/s, its ratio to the reference and the measured GEMM roofline of this
-machine. Run ``pytest benchmarks --benchmark-only`` (``-k quick`` for the short subset).
+Every kernel is timed beside the reference in the same run, in turn, round by round. At the end,
+a table prints each case's mean time, GFLOP/s, its ratio to the reference and the measured GEMM
+roofline of this machine. Run ``pytest benchmarks --benchmark-only`` (``-k quick`` for the short subset).
 """
 from __future__ import annotations
 
@@ -114,17 +114,6 @@ class Row:
 _ROWS: list[Row] = []
 
 
-def run_rounds(benchmark, fn, budget_s: float = 1.0, max_rounds: int = 30):
-    """``benchmark.pedantic(fn)`` with as many rounds as fit in about ``budget_s`` (3 to ``max_rounds``),
-    judged from one untimed call: millisecond cases get enough rounds to average out this shared
-    machine's noise, and every implementation of a case is given the same budget."""
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    rounds = int(min(max_rounds, max(3, budget_s / max(once, 1e-9))))
-    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-
-
 def run_interleaved(benchmark, fns: dict, budget_s: float = 6.0, max_rounds: int = 10,
                     block_s: float = 0.05) -> tuple[dict, dict]:
     """Time several implementations of one case round by round, in turn (a, b, a, b, ...): this shared
@@ -173,21 +162,21 @@ def compare(benchmark, group: str, case: str, fns: dict, flops: int | None = Non
     times, outputs = run_interleaved(benchmark, fns, budget_s=budget, max_rounds=max_rounds)
     benchmark.extra_info.update({"group": group, "case": case, "flops": flops})
     for impl, t in times.items():
-        text = note(impl, outputs[impl]) if note else ""
-        record_times(group, case, impl, t, text, flops)
-        if t:
-            mean = sum(t) / len(t)
-            benchmark.extra_info[f"mean_s_{impl}"] = mean
-            benchmark.extra_info[f"gflops_{impl}"] = flops / mean / 1e9 if flops else None
-            benchmark.extra_info[f"note_{impl}"] = text
+        row = record_times(group, case, impl, t, note(impl, outputs[impl]) if note else "", flops)
+        if row is not None:
+            benchmark.extra_info[impl] = {"mean_s": row.mean_s, "gflops": row.gflops, "note": row.extra}
     return outputs
 
 
-def record_times(group: str, case: str, impl: str, times: list, extra: str = "", flops: int | None = None) -> None:
+def record_times(group: str, case: str, impl: str, times: list, extra: str = "",
+                 flops: int | None = None) -> Row | None:
     """A summary-table row from round times measured by hand (run_interleaved): their mean."""
-    if times:
-        mean = sum(times) / len(times)
-        _ROWS.append(Row(group, case, impl, mean, flops / mean / 1e9 if flops else None, extra))
+    if not times:
+        return None
+    mean = sum(times) / len(times)
+    row = Row(group, case, impl, mean, flops / mean / 1e9 if flops else None, extra)
+    _ROWS.append(row)
+    return row
 
 
 def record(benchmark, group: str, case: str, impl: str, flops: int | None = None, extra: str = "") -> None:
