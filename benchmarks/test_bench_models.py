@@ -133,7 +133,7 @@ def zero_cost_ops():
     def sinkhorn(cost, a=None, b=None, *, eps, max_iter=1000, tol=1e-6, check_every=10, backend="auto"):
         bsz, n, m = cost.shape
         return SinkhornResult(0 * cost, cost.new_zeros(bsz, n), cost.new_zeros(bsz, m),
-                              torch.zeros(bsz, dtype=torch.long), torch.ones(bsz, dtype=torch.bool))
+                              cost.new_zeros(bsz, dtype=torch.long), cost.new_ones(bsz, dtype=torch.bool))
 
     ops.multilayer_correlation, ops.cp_conv4d, ops.sinkhorn = correlation, cp_conv4d, sinkhorn
     try:
