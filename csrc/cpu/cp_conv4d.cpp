@@ -11,8 +11,9 @@
 // x[:, chunk, :] of grad_x in the backward). A task builds its operand in a per-thread buffer with
 // columns (a, p) in y's own order and runs one GEMM that writes y[:, chunk, :] in place: no permutes
 // of x or y, the stride pruning folded into the gather (s_p, src_p).
-//  * dense path, when at most a quarter of the support taps read padding (half for Cout = 16): the
-//    support taps join that GEMM (zeros where a tap reads padding);
+//  * dense path, when at most a quarter of the support taps read padding (half for Cout = 16; a third
+//    when per-position GEMMs would be thinner than kMinPerPosCols): the support taps join that GEMM
+//    (zeros where a tap reads padding);
 //  * per-position path otherwise: the main GEMM has the query taps only, and each p adds a GEMM over
 //    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it
 //    (HSNet's mixing blocks on 2x2 grids);
@@ -42,6 +43,7 @@ constexpr int kWino = 2;  // Winograd output tile of the 3x3 query convolutions:
 // 13x13 or 25x25 queries, 1x1 or 2x2 supports) thinner GEMMs cost more than the balance gains.
 constexpr int64_t kMinCols = 128;
 constexpr int64_t kMinWinoCols = 256;
+constexpr int64_t kMinPerPosCols = 64;  // see Geometry: thinner per-position support GEMMs go dense
 
 struct Geometry {
   int64_t nb, cin, cout, ha, wa, hb, wb, hp, wp, P, S, Sp, kq, ks, kq2, stride;
@@ -107,6 +109,16 @@ struct Geometry {
     // (K = 9 Cin) is faster (measured: HSNet's layer4 64->128 and its 1x1-grid mixing at 200 px).
     const int64_t wino_cols = nb * ((ha + kWino - 1) / kWino) * ((wa + kWino - 1) / kWino) * Sp;
     wino = kq == 3 && cin >= 16 && cout >= 32 && wino_cols >= kMinWinoCols;
+    plan_tasks();
+    // Per-position GEMMs thinner than kMinPerPosCols columns (small queries: HSNet's layer4 at 400 px) run
+    // slower than the dense GEMM with up to a third of zeros in it (measured: 64->128 at 13x13, 69% valid).
+    if (per_position() && chunk < kMinPerPosCols && 3 * valid >= 2 * all_taps) {
+      dense = true;
+      plan_tasks();
+    }
+  }
+  // Query positions per task (chunk, nchunks).
+  void plan_tasks() {
     if (wino) {  // tasks of tile rows, about 512 GEMM columns (tiles x Sp) per task
       const int64_t per_row = (wa + kWino - 1) / kWino * Sp;
       chunk = std::min(P, kWino * wa * balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / per_row), per_row));
@@ -125,7 +137,8 @@ struct Geometry {
     if (nb * ceil_div(units, per) < 4 * threads) per = std::max<int64_t>(1, ceil_div(units, ceil_div(4 * threads, nb)));
     const int64_t floor = ceil_div(kMinCols, std::max<int64_t>(cols, 1));
     const int64_t cap = ceil_div(units, ceil_div(threads, nb));  // the most that still gives each thread a task
-    return std::min(units, std::max(per, std::min(floor, cap)));
+    per = std::min(units, std::max(per, std::min(floor, cap)));
+    return ceil_div(units, ceil_div(units, per));  // the same number of tasks, of even sizes
   }
   // Rows of the main GEMM: the query taps (unless by Winograd) and, on the dense path, the support taps.
   int64_t k_main(bool with_query) const { return cin * ((with_query ? kq2 : 0) + (dense ? ks * ks : 0)); }
