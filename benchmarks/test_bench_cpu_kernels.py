@@ -4,8 +4,8 @@ The headline cases (13-layer correlation, HSNet encoder, Sinkhorn with POT's bat
 ``test_bench_kernels.py``, which times every backend, cpp included. This file adds what those
 leave out for the CPU kernels: every center-pivot layer of the HSNet encoder at 400x400, batch 1,
 forward and forward+backward (the layer's input needs a gradient unless it is a block's first layer,
-whose input is a correlation stack, as in the models), a single correlation layer forward+backward,
-and the peak memory of the encoder's forward+backward. Implementations are timed in turn
+whose input is a correlation stack, as in the models), the GroupNorm + ReLU after those layers, a
+single correlation layer forward+backward, and the peak memory of the encoder's forward+backward. Implementations are timed in turn
 (``conftest.compare``).
 
 Peak memory is the growth of the process's peak resident set (``ru_maxrss``) during one
@@ -62,6 +62,31 @@ def test_cp_conv4d_layer(benchmark, name, mode):
                    f"{shape[2]}^2x{shape[4]}^2 {mode}", {impl: (lambda impl=impl: run(impl)) for impl in IMPLS},
                    cp_conv4d_flops(shape, cout, k, k, s) * (1 if not train else 2 if first else 3))
     assert all(o.shape == outs["reference"].shape for o in outs.values())
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_group_norm_relu_encoder(benchmark, mode):
+    """The GroupNorm(4) + ReLU after each of the encoder's 15 center-pivot layers (400x400, batch 1), on
+    those layers' output shapes: the fused op against torch's group_norm then relu."""
+    g = torch.Generator().manual_seed(0)
+    train = mode != "fwd"
+    cases = []
+    for _, (b, _, ha, wa, hb, wb), cout, _, s in encoder_layers(1):
+        x = torch.randn(b, cout, ha, wa, -(-hb // s), -(-wb // s), generator=g, requires_grad=train)
+        w, bias = (torch.randn(cout, generator=g).requires_grad_(train) for _ in range(2))
+        cases.append((x, w, bias, torch.randn(x.shape, generator=g) if train else None))
+
+    def run(impl: str):
+        with torch.set_grad_enabled(train):
+            for x, w, bias, grad in cases:
+                y = tlg.ops.group_norm_relu(x, 4, w, bias, backend=impl)
+                if train:
+                    torch.autograd.grad(y, (x, w, bias), grad)
+        return y
+
+    elems = sum(c[0].numel() for c in cases)
+    compare(benchmark, "group_norm_relu", f"15 encoder epilogues ({elems / 1e6:.1f} M values) {mode}",
+            {impl: (lambda impl=impl: run(impl)) for impl in IMPLS})
 
 
 @pytest.mark.parametrize("c,h", [(512, 50), (2048, 13)], ids=["layer2", "layer4"])

@@ -6,9 +6,9 @@ reports its peak memory (CUDA: ``max_memory_allocated``; CPU: the running peak o
 allocations net of frees that the PyTorch profiler records during one extra call, so peaks
 inside a single op are not seen).
 
-Each case also times the same step with ``zero_cost_ops()``: tlg.ops' correlation, 4D convolution
-and Sinkhorn replaced by stand-ins that cost nothing. That step is the plain-torch rest of the model
-(frozen backbone, projections, decoder, GroupNorm, loss), the same for every backend, so
+Each case also times the same step with ``zero_cost_ops()``: tlg.ops' correlation, 4D convolution,
+GroupNorm + ReLU and Sinkhorn replaced by stand-ins that cost nothing. That step is the plain-torch rest
+of the model (frozen backbone, projections, decoder, loss), the same for every backend, so
 reference / (its time) bounds what any backend can reach on the whole model.
 
 The default run keeps to a few minutes: batch 4 at 400x400 is marked ``slow`` and only runs
@@ -111,10 +111,11 @@ def _tied(out: torch.Tensor, *inputs) -> torch.Tensor:
 
 @contextlib.contextmanager
 def zero_cost_ops():
-    """Within: ``tlg.ops.multilayer_correlation``, ``cp_conv4d`` and ``sinkhorn`` return zeros of their
-    outputs' shapes (Sinkhorn: a zero plan), tied to their inputs so that the backward still runs
-    through the rest of the model. For measuring that rest only; the outputs are meaningless."""
-    saved = ops.multilayer_correlation, ops.cp_conv4d, ops.sinkhorn
+    """Within: ``tlg.ops.multilayer_correlation``, ``cp_conv4d``, ``group_norm_relu`` and ``sinkhorn``
+    return zeros of their outputs' shapes (Sinkhorn: a zero plan), tied to their inputs so that the
+    backward still runs through the rest of the model. For measuring that rest only; the outputs are
+    meaningless."""
+    saved = ops.multilayer_correlation, ops.cp_conv4d, ops.group_norm_relu, ops.sinkhorn
 
     def correlation(query_feats, support_feats, stack_ids, support_mask=None, *, backend="auto", eps=1e-5):
         n, bounds = len(query_feats), [0, *stack_ids]  # stacks deepest first
@@ -130,16 +131,20 @@ def zero_cost_ops():
         z = x.new_zeros(b, weight_q.shape[0], ha, wa, -(-hb // stride), -(-wb // stride))
         return _tied(z, x, weight_q, bias_q, weight_s, bias_s)
 
+    def group_norm_relu(x, groups, weight=None, bias=None, *, eps=1e-5, backend="auto"):
+        return _tied(torch.zeros_like(x), x, weight, bias)
+
     def sinkhorn(cost, a=None, b=None, *, eps, max_iter=1000, tol=1e-6, check_every=10, backend="auto"):
         bsz, n, m = cost.shape
         return SinkhornResult(0 * cost, cost.new_zeros(bsz, n), cost.new_zeros(bsz, m),
                               cost.new_zeros(bsz, dtype=torch.long), cost.new_ones(bsz, dtype=torch.bool))
 
-    ops.multilayer_correlation, ops.cp_conv4d, ops.sinkhorn = correlation, cp_conv4d, sinkhorn
+    ops.multilayer_correlation, ops.cp_conv4d, ops.group_norm_relu, ops.sinkhorn = (correlation, cp_conv4d,
+                                                                                  group_norm_relu, sinkhorn)
     try:
         yield
     finally:
-        ops.multilayer_correlation, ops.cp_conv4d, ops.sinkhorn = saved
+        ops.multilayer_correlation, ops.cp_conv4d, ops.group_norm_relu, ops.sinkhorn = saved
 
 
 def _zero_cost_step(name: str, size: int, batch: int, mode: str):

@@ -26,6 +26,12 @@ TORCH_LIBRARY(tlg, m) {
   // cost (B,N,M), a (B,N), b (B,M) -> plan (B,N,M), f (B,N), g (B,M), n_iter (B,) int64, converged (B,) bool
   m.def("sinkhorn_forward(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, int check_every)"
         " -> (Tensor plan, Tensor f, Tensor g, Tensor n_iter, Tensor converged)");
+  // GroupNorm then ReLU, x (B,C,...) -> y, mean (B,G), rstd (B,G) (HSNet encoder's epilogue). The backward
+  // recomputes the ReLU gate from x and the statistics; gradients not asked for come back empty.
+  m.def("group_norm_relu_forward(Tensor x, int groups, Tensor weight, Tensor bias, float eps)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("group_norm_relu_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias,"
+        " bool[2] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // Implicit-differentiation backward through the converged plan (reference.sinkhorn_implicit_grad).
   m.def("sinkhorn_backward(Tensor grad_plan, Tensor plan, float eps) -> (Tensor grad_cost, Tensor grad_a, Tensor grad_b)");
 }

@@ -189,6 +189,52 @@ def test_cp_conv4d_partial_grads_and_no_bias():
     assert gx.shape == x.shape and gwq.numel() == gbq.numel() == gws.numel() == gbs.numel() == 0
 
 
+# ------------------------------------------------------------------------------ GroupNorm + ReLU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,groups", [
+    ((2, 8, 5, 7, 3, 3), 4),    # HSNet's 6-D encoder activations, odd sizes
+    ((1, 16, 13, 13, 4, 4), 4),
+    ((3, 6, 11), 3),
+    ((2, 4, 1), 1),             # one value per channel: a group of 4
+])
+def test_group_norm_relu_matches_reference(dtype, shape, groups):
+    g = torch.Generator().manual_seed(3)
+    x = _noncontig(torch.randn(*shape, generator=g, dtype=dtype) * 3 + 5)  # a mean far from 0
+    w = torch.randn(shape[1], generator=g, dtype=dtype)
+    w[0] = 0  # a zero scale: that channel's output is relu(beta), its gate closed or open everywhere
+    b = torch.randn(shape[1], generator=g, dtype=dtype)
+
+    def fn(x, w, b, backend):
+        return ops.group_norm_relu(x, groups, w, b, backend=backend)
+
+    out, grads, gy = _fwd_bwd(fn, [x, w, b], "cpp")
+    ref, ref_grads, _ = _fwd_bwd_with(fn, [x, w, b], gy)
+    assert 0 < (out > 0).float().mean() < 1  # both sides of the ReLU are exercised
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, **tol)
+
+
+def test_group_norm_relu_module_and_errors():
+    """The module keeps nn.GroupNorm's state-dict keys; without weight and bias the op is the plain
+    normalisation; a backend without the kernel runs the reference; bad input gets a clear error."""
+    m = ops.GroupNormReLU(2, 6, backend="cpp")
+    assert set(m.state_dict()) == set(torch.nn.GroupNorm(2, 6).state_dict())
+    x = torch.randn(2, 6, 4, 5)
+    torch.testing.assert_close(m(x), torch.relu(torch.nn.functional.group_norm(x, 2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.group_norm_relu(x, 3, backend="cpp"), R.group_norm_relu(x, 3, None, None),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ops.group_norm_relu(x, 4)
+    with pytest.raises(ValueError, match="weight has 5 entries"):
+        ops.group_norm_relu(x, 3, torch.ones(5))
+    with pytest.raises(ValueError, match="at least 2-D"):
+        ops.group_norm_relu(torch.randn(6), 3)
+    with pytest.raises(TypeError, match="floating"):
+        ops.group_norm_relu(torch.ones(2, 6, dtype=torch.int64), 3)
+
+
 # ------------------------------------------------------------------------------ Sinkhorn
 def _marginals(bsz, n, m, dtype, zero_mass):
     a = torch.rand(bsz, n, dtype=dtype) + 0.2
@@ -272,6 +318,11 @@ def test_bfloat16_forward():
     ref = R.cp_conv4d(*(t.to(bf).float() for t in (x, wq, bq, ws)), None, 2)
     assert out.dtype == bf
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=1e-1)
+    x, w, b = torch.randn(2, 8, 5, 5, 3, 3), torch.randn(8), torch.randn(8)
+    out = ops.group_norm_relu(x.to(bf), 4, w.to(bf), b.to(bf), backend="cpp")
+    assert out.dtype == bf
+    torch.testing.assert_close(out.float(), R.group_norm_relu(*(t.to(bf).float() for t in (x,)), 4, w.to(bf).float(),
+                                                              b.to(bf).float()), rtol=2e-2, atol=2e-2)
     cost = torch.rand(2, 9, 11)
     got = ops.sinkhorn(cost.to(bf), eps=0.1, tol=1e-5, backend="cpp")
     ref = R.sinkhorn(cost.to(bf).float(), eps=0.1, tol=1e-5)
@@ -295,6 +346,9 @@ def test_gradcheck_tiny():
     assert torch.autograd.gradcheck(lambda *t: ops.cp_conv4d(*t, 2, backend="cpp"), (x, wq, bq, ws, bs))
     x = torch.randn(1, 2, 3, 2, 5, 5, dtype=d, requires_grad=True)  # dense path
     assert torch.autograd.gradcheck(lambda *t: ops.cp_conv4d(*t, 1, backend="cpp"), (x, wq, bq, ws, bs))
+    x = torch.randn(2, 4, 3, 2, 2, 2, dtype=d, requires_grad=True)
+    gw, gb = torch.randn(4, dtype=d, requires_grad=True), torch.randn(4, dtype=d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.group_norm_relu(*t[:1], 2, *t[1:], backend="cpp"), (x, gw, gb))
     cost = torch.rand(1, 3, 4, dtype=d, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda c: ops.sinkhorn(c, eps=0.5, max_iter=5000, tol=1e-14, check_every=1, backend="cpp").plan, (cost,),
@@ -309,6 +363,7 @@ def test_torch_compile_fullgraph():
 
     def f(x, wq, ws, q, s):
         y = ops.cp_conv4d(x, wq, None, ws, None, 1, backend="cpp")
+        y = ops.group_norm_relu(y, 3, backend="cpp")
         c = ops.correlation(q, s, backend="cpp")
         st = ops.multilayer_correlation([q, q], [s, s], [1, 2], backend="cpp")
         return y.mean(1) * c + st[1].sum(1)

@@ -149,7 +149,8 @@ def test_missing_extension_falls_back_to_reference_and_says_so(monkeypatch):
 def test_backend_info_lists_every_backend_with_levels():
     info = ops.backend_info()
     assert {"reference", "cpp", "cuda"} <= set(info["backends"])
-    assert info["backends"]["reference"]["ops"] == {"correlation": "spec", "cp_conv4d": "spec", "sinkhorn": "spec"}
+    assert info["backends"]["reference"]["ops"] == {"correlation": "spec", "cp_conv4d": "spec", "group_norm_relu": "spec",
+                                                    "sinkhorn": "spec"}
     levels = {"spec", "measured-CPU", "interpreter-verified", "emulation-verified", "compiled-only", "GPU-verified", None}
     for be in info["backends"].values():
         assert set(be["ops"].values()) <= levels
@@ -166,6 +167,22 @@ def test_front_doors_match_reference_on_auto():
     cost = torch.rand(3, 5, 4)
     got, want = ops.sinkhorn(cost, eps=0.1), R.sinkhorn(cost, eps=0.1)
     torch.testing.assert_close(got.plan, want.plan, atol=1e-6, rtol=1e-4)
+
+
+def test_group_norm_relu_runs_the_reference_on_a_backend_without_its_kernel(monkeypatch):
+    """A model built for a backend that has cp_conv4d but no GroupNorm + ReLU kernel (Triton, CUDA) still
+    runs: that op alone takes the reference. A backend that cannot run on the device at all still fails."""
+    class ConvOnly(_backends.Backend):
+        name, device_types = "cuda", ("cpu",)
+
+        def status(self, op):
+            return "emulation-verified" if op != "group_norm_relu" else None
+
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run group_norm_relu on cpu"):
+        ops.group_norm_relu(x, 2, backend="cuda")
+    monkeypatch.setitem(_backends._REGISTRY, "cuda", ConvOnly())
+    torch.testing.assert_close(ops.group_norm_relu(x, 2, backend="cuda"), R.group_norm_relu(x, 2, None, None))
 
 
 # ------------------------------------------------------------------------------ module
@@ -200,11 +217,12 @@ def test_package_exposes_version_and_ops():
 
 
 def test_python_schema_table_matches_csrc_ops_cpp():
-    """Triton registers the schemas of tlg.ops._library.SCHEMAS; the native library those of csrc/ops.cpp."""
+    """Triton registers the schemas of tlg.ops._library.SCHEMAS; the native library those of csrc/ops.cpp,
+    which adds the CPU-only ones."""
     import pathlib
     import re
 
-    from tlg.ops._library import SCHEMAS
+    from tlg.ops._library import CPU_ONLY_SCHEMAS, SCHEMAS
 
     src = (pathlib.Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text()
     native = {}
@@ -212,4 +230,4 @@ def test_python_schema_table_matches_csrc_ops_cpp():
         text = "".join(re.findall(r'"([^"]*)"', call))
         name = text[: text.index("(")]
         native[name] = " ".join(text[len(name):].split())
-    assert native == {k: " ".join(v.split()) for k, v in SCHEMAS.items()}
+    assert native == {k: " ".join(v.split()) for k, v in {**SCHEMAS, **CPU_ONLY_SCHEMAS}.items()}

@@ -36,11 +36,14 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def squeeze_block(in_channels: int, out_channels: Sequence[int], kernels: Sequence[int],
                   support_strides: Sequence[int], backend: str = "auto", groups: int = 4) -> nn.Sequential:
-    """[CenterPivotConv4d -> GroupNorm(4) -> ReLU] x len(out_channels) (HSNet's building block)."""
+    """[CenterPivotConv4d -> GroupNorm(4) -> ReLU] x len(out_channels) (HSNet's building block).
+
+    GroupNorm and ReLU run as one op (:class:`tlg.ops.GroupNormReLU`); an ``nn.Identity`` keeps the
+    ReLU's place, so the modules keep HSNet's indices and its checkpoints' keys."""
     layers: list[nn.Module] = []
     for cin, cout, k, s in zip([in_channels, *out_channels[:-1]], out_channels, kernels, support_strides):
         layers += [ops.CenterPivotConv4d(cin, cout, (k,) * 4, (1, 1, s, s), (k // 2,) * 4, backend=backend),
-                   nn.GroupNorm(groups, cout), nn.ReLU(inplace=True)]
+                   ops.GroupNormReLU(groups, cout, backend=backend), nn.Identity()]
     return nn.Sequential(*layers)
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "multilayer_correlation",
     "cp_conv4d",
     "CenterPivotConv4d",
+    "group_norm_relu",
+    "GroupNormReLU",
     "sinkhorn",
     "SinkhornResult",
     "backend_info",
@@ -92,6 +94,27 @@ def cp_conv4d(
     return impl.cp_conv4d(x, weight_q, bias_q, weight_s, bias_s, stride)
 
 
+def group_norm_relu(
+    x: torch.Tensor,
+    groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GroupNorm then ReLU in one op, (B, C, ...) -> same shape; see
+    :func:`tlg.ops.reference.group_norm_relu`. A backend without this kernel (Triton, CUDA) runs the
+    reference for it, so a model built for that backend still runs there."""
+    _checks.group_norm_relu_inputs(x, groups, weight, bias, eps)
+    impl = _backends.select_or_reference("group_norm_relu", backend, x.device)
+    if impl.name == "reference":
+        return impl.group_norm_relu(x, groups, weight, bias, float(eps))
+    weight = x.new_ones(x.shape[1]) if weight is None else weight
+    bias = x.new_zeros(x.shape[1]) if bias is None else bias
+    return impl.group_norm_relu(x.contiguous(), groups, weight, bias, float(eps))
+
+
 def sinkhorn(
     cost: torch.Tensor,
     a: Optional[torch.Tensor] = None,
@@ -145,6 +168,19 @@ class CenterPivotConv4d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cp_conv4d(x, self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
                          self.stride[2], backend=self.backend)
+
+
+class GroupNormReLU(nn.GroupNorm):
+    """``nn.GroupNorm`` followed by ReLU, run as :func:`group_norm_relu` (same parameters and state-dict
+    keys as ``nn.GroupNorm``, so checkpoints of GroupNorm + ReLU stacks load unchanged)."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 backend: str = "auto"):
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_relu(x, self.num_groups, self.weight, self.bias, eps=self.eps, backend=self.backend)
 
 
 def _four(value, name: str) -> tuple[int, int, int, int]:

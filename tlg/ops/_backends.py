@@ -20,13 +20,13 @@ import torch
 
 from . import reference
 
-OPS = ("correlation", "cp_conv4d", "sinkhorn")
+OPS = ("correlation", "cp_conv4d", "group_norm_relu", "sinkhorn")
 NAMES = ("auto", "reference", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
 class Backend:
-    """One implementation of the three ops. Subclasses override the ops they provide."""
+    """One implementation of the ops. Subclasses override the ops they provide."""
 
     name: str = ""
     device_types: tuple[str, ...] = ()
@@ -54,6 +54,9 @@ class Backend:
     def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
         raise NotImplementedError
 
+    def group_norm_relu(self, x, groups, weight, bias, eps):
+        raise NotImplementedError
+
     def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every) -> reference.SinkhornResult:
         raise NotImplementedError
 
@@ -70,6 +73,9 @@ class ReferenceBackend(Backend):
 
     def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
         return reference.cp_conv4d(x, weight_q, bias_q, weight_s, bias_s, stride)
+
+    def group_norm_relu(self, x, groups, weight, bias, eps):
+        return reference.group_norm_relu(x, groups, weight, bias, eps)
 
     def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every):
         return reference.sinkhorn(cost, a, b, eps, max_iter, tol, check_every)
@@ -126,6 +132,9 @@ class LibraryBackend(Backend):
     def cp_conv4d(self, x, weight_q, bias_q, weight_s, bias_s, stride):
         return self._op("cp_conv4d_forward")(x, weight_q, bias_q, weight_s, bias_s, stride)
 
+    def group_norm_relu(self, x, groups, weight, bias, eps):
+        return self._op("group_norm_relu_forward")(x, groups, weight, bias, eps)[0]
+
     def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every):
         """With no gradient wanted, the kernel runs below the autograd key directly: what the op's registered
         autograd kernel would do then, without its Python frames (half the op's fixed cost, which matters
@@ -169,6 +178,18 @@ def auto_choice(op: str, device_type: str) -> str:
         if backend is not None and backend.supports(op, device_type):
             return name
     return "reference"
+
+
+def select_or_reference(op: str, backend: str, device: torch.device) -> Backend:
+    """As :func:`select`, except that a backend named explicitly which runs on ``device`` but has no
+    kernel for ``op`` gives way to the reference (for ops that are epilogues of another op's layers,
+    such as ``group_norm_relu``: a model built for one backend keeps running on it)."""
+    if backend in NAMES and backend not in ("auto", "reference"):
+        chosen = _REGISTRY.get(backend)
+        if chosen is not None and chosen.load_error() is None and device.type in chosen.device_types \
+                and chosen.status(op) is None:
+            return _REGISTRY["reference"]
+    return select(op, backend, device)
 
 
 def select(op: str, backend: str, device: torch.device) -> Backend:

@@ -54,6 +54,23 @@ def positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def int_at_least(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def per_channel(vectors: dict, count: int, label: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Each given (not None) tensor of ``vectors`` is 1-D with ``count`` entries (and of ``dtype``)."""
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        tensor(name, v, 1, f"({label},)")
+        if v.shape[0] != count:
+            raise ValueError(f"{name} has {v.shape[0]} entries, expected {label}={count}")
+        if dtype is not None and v.dtype != dtype:
+            raise TypeError(f"{name} dtype {v.dtype} does not match x dtype {dtype}")
+
+
 def correlation_inputs(query: torch.Tensor, support: torch.Tensor, support_mask: Optional[torch.Tensor]) -> None:
     tensor("query", query, 4, "(B, C, Hq, Wq)")
     tensor("support", support, 4, "(B, C, Hs, Ws)")
@@ -105,16 +122,22 @@ def cp_conv4d_inputs(
             raise TypeError(f"{name} dtype {w.dtype} does not match x dtype {x.dtype}")
     if weight_q.shape[0] != weight_s.shape[0]:
         raise ValueError(f"weight_q and weight_s must have the same out channels, got {weight_q.shape[0]} and {weight_s.shape[0]}")
-    for name, bias in (("bias_q", bias_q), ("bias_s", bias_s)):
-        if bias is not None:
-            tensor(name, bias, 1, "(Cout,)")
-            if bias.shape[0] != weight_q.shape[0]:
-                raise ValueError(f"{name} has {bias.shape[0]} entries, expected Cout={weight_q.shape[0]}")
-            if bias.dtype != x.dtype:
-                raise TypeError(f"{name} dtype {bias.dtype} does not match x dtype {x.dtype}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    per_channel(dict(bias_q=bias_q, bias_s=bias_s), weight_q.shape[0], "Cout", x.dtype)
+    int_at_least("stride", stride, 1)
     same_device(x=x, weight_q=weight_q, bias_q=bias_q, weight_s=weight_s, bias_s=bias_s)
+
+
+def group_norm_relu_inputs(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], eps: float) -> None:
+    if isinstance(x, torch.Tensor) and x.dim() < 2:
+        raise ValueError(f"x must be (B, C, ...), at least 2-D, got shape {tuple(x.shape)}")
+    tensor("x", x, getattr(x, "ndim", 0), "(B, C, ...)")
+    int_at_least("groups", groups, 1)
+    if x.shape[1] % groups:
+        raise ValueError(f"x has {x.shape[1]} channels, not a multiple of groups={groups}")
+    per_channel(dict(weight=weight, bias=bias), x.shape[1], "C")
+    positive("eps", eps)
+    same_device(x=x, weight=weight, bias=bias)
 
 
 def sinkhorn_inputs(
@@ -128,10 +151,8 @@ def sinkhorn_inputs(
 ) -> None:
     tensor("cost", cost, 3, "(B, N, M)")
     positive("eps", eps)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    int_at_least("max_iter", max_iter, 1)
+    int_at_least("check_every", check_every, 1)
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     same_device(cost=cost, a=a, b=b)

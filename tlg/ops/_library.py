@@ -31,6 +31,15 @@ SCHEMAS = {
     "sinkhorn_backward": "(Tensor grad_plan, Tensor plan, float eps) -> (Tensor grad_cost, Tensor grad_a, Tensor grad_b)",
 }
 
+# Ops only the C++ library implements: the encoder's GroupNorm + ReLU epilogue. Backends without it
+# run the reference for it (tlg.ops.group_norm_relu).
+CPU_ONLY_SCHEMAS = {
+    "group_norm_relu_forward": "(Tensor x, int groups, Tensor weight, Tensor bias, float eps)"
+                               " -> (Tensor y, Tensor mean, Tensor rstd)",
+    "group_norm_relu_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias,"
+                                " bool[2] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+}
+
 
 def _op(prefix: str, name: str):
     return getattr(torch.ops.tlg, prefix + name)
@@ -143,6 +152,39 @@ def register(prefix: str) -> None:
         return gc, ga, gb, None, None, None, None
 
     torch.library.register_autograd(qual + "sinkhorn_forward", sk_backward, setup_context=sk_setup)
+
+
+def register_group_norm_relu(prefix: str) -> None:
+    """Fake kernels and autograd of ``tlg::<prefix>group_norm_relu_forward`` (the encoder's GroupNorm +
+    ReLU epilogue). Only x and the group statistics are saved: the backward recomputes the ReLU gate."""
+    qual = f"tlg::{prefix}"
+
+    @torch.library.register_fake(qual + "group_norm_relu_forward")
+    def _(x, groups, weight, bias, eps):
+        stats = x.new_empty((x.shape[0], groups), dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        return torch.empty_like(x), stats, stats.clone()
+
+    @torch.library.register_fake(qual + "group_norm_relu_backward")
+    def _(grad_out, x, mean, rstd, weight, bias, output_mask):
+        return (torch.empty_like(x) if output_mask[0] else x.new_empty((0,)),
+                torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,)),
+                torch.empty_like(bias) if output_mask[1] else bias.new_empty((0,)))
+
+    def setup(ctx, inputs, output):
+        x, groups, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gb = _op(prefix, "group_norm_relu_backward")(
+            grad_y.contiguous(), x, mean, rstd, weight, bias, [need[0], need[2] or need[3]]
+        )
+        return _empty_to_none(gx, need[0]), None, _empty_to_none(gw, need[2]), _empty_to_none(gb, need[3]), None
+
+    torch.library.register_autograd(qual + "group_norm_relu_forward", backward, setup_context=setup)
 
 
 def register_stack(prefix: str) -> None:

@@ -12,7 +12,8 @@ from typing import Optional
 from . import _backends, _library
 
 # Verification level each kernel reached (README status table). Update when a level is earned.
-CPP_LEVELS = {"correlation": "measured-CPU", "cp_conv4d": "measured-CPU", "sinkhorn": "measured-CPU"}
+CPP_LEVELS = {"correlation": "measured-CPU", "cp_conv4d": "measured-CPU", "group_norm_relu": "measured-CPU",
+              "sinkhorn": "measured-CPU"}
 CUDA_LEVELS = {"correlation": "emulation-verified", "cp_conv4d": "emulation-verified", "sinkhorn": "emulation-verified"}
 
 
@@ -25,6 +26,7 @@ def load_error() -> Optional[str]:
         return f"tlg._C not available ({type(exc).__name__}: {exc}); reinstall with `pip install --no-build-isolation -e .`"
     _library.register("")
     _library.register_stack("")
+    _library.register_group_norm_relu("")
     return None
 
 

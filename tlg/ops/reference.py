@@ -1,4 +1,4 @@
-"""The specification of tlg's three hot operations, in plain PyTorch.
+"""The specification of tlg's three hot operations (and the 4D encoder's GroupNorm + ReLU), in plain PyTorch.
 
 Every compiled backend (C++, CUDA, Triton) is tested against these functions. They are written
 to be read, not to be fast; they work in float64 and run under autograd and ``torch.compile``.
@@ -29,6 +29,7 @@ __all__ = [
     "multilayer_correlation",
     "split_stacks",
     "cp_conv4d",
+    "group_norm_relu",
     "sinkhorn",
     "sinkhorn_marginal_error",
     "resize_mask",
@@ -175,6 +176,30 @@ def cp_conv4d_flops(x_shape: Sequence[int], cout: int, kq: int, ks: int, stride:
     b, cin, ha, wa, hb, wb = x_shape
     hp, wp = math.ceil(hb / stride), math.ceil(wb / stride)
     return 2 * b * cout * cin * ha * wa * hp * wp * (kq * kq + ks * ks)
+
+
+# --------------------------------------------------------------------------------------------
+# GroupNorm + ReLU (the epilogue of every center-pivot layer in HSNet's encoder)
+# --------------------------------------------------------------------------------------------
+def group_norm_relu(
+    x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5
+) -> torch.Tensor:
+    r"""GroupNorm (Wu & He, ECCV 2018) followed by ReLU.
+
+    .. math::
+        y = \max\Big(0,\ \gamma_c \frac{x - \mu_{b,g}}{\sqrt{\sigma^2_{b,g} + \epsilon}} + \beta_c\Big)
+
+    with the mean and the biased variance over the channels of group ``g`` and all trailing dims.
+
+    Args:
+        x: (B, C, ...), C a multiple of ``groups``.
+        weight, bias: (C,) or None (1 and 0).
+    """
+    cdt = _compute_dtype(x)
+    w = None if weight is None else weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    # in place on group_norm's fresh output: the same op sequence as nn.GroupNorm + nn.ReLU(inplace=True)
+    return F.relu(F.group_norm(x.to(cdt), groups, w, b, eps), inplace=True).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
