@@ -31,26 +31,99 @@ inline T pre_relu(T x, T s, T t) {
   return x * s + t;
 }
 
-// Per (b, c) row of length L: mean and Σ (x - mean)².
+// ---- the four passes over one (b, c) row of length L (memory-bound; float gets AVX-512 clones) ----
+// Moments: Σ (x - k) and Σ (x - k)² around k = x[0].
 template <typename T>
-void row_moments(const T* x, int64_t len, double& mean, double& m2) {
-  const double shift = len ? static_cast<double>(x[0]) : 0.0;
+inline __attribute__((always_inline)) void moments_row(const T* x, int64_t len, double* sums) {
+  const T k = len ? x[0] : T(0);
   double s1 = 0, s2 = 0;
   for (int64_t i0 = 0; i0 < len; i0 += kBlock) {
     const int64_t i1 = std::min(len, i0 + kBlock);
-    const T sh = static_cast<T>(shift);
     T b1 = 0, b2 = 0;
 #pragma omp simd reduction(+ : b1, b2)
     for (int64_t i = i0; i < i1; ++i) {
-      const T d = x[i] - sh;
+      const T d = x[i] - k;
       b1 += d;
       b2 += d * d;
     }
     s1 += b1, s2 += b2;
   }
-  mean = shift + s1 / static_cast<double>(len);
-  m2 = std::max(0.0, s2 - s1 * s1 / static_cast<double>(len));
+  sums[0] = s1, sums[1] = s2;
 }
+
+// y = max(0, x s + t).
+template <typename T>
+inline __attribute__((always_inline)) void apply_row(const T* x, int64_t len, T s, T t, T* y) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] = std::max(pre_relu(x[i], s, t), T(0));
+}
+
+// Σ g and Σ g (x - m), g = dy where x s + t > 0 (both loads unconditional, so the select vectorises).
+template <typename T>
+inline __attribute__((always_inline)) void gate_sums_row(const T* x, const T* dy, int64_t len, T s, T t, T m,
+                                                         double* sums) {
+  double sa = 0, sb = 0;
+  for (int64_t i0 = 0; i0 < len; i0 += kBlock) {
+    const int64_t i1 = std::min(len, i0 + kBlock);
+    T ba = 0, bb = 0;
+#pragma omp simd reduction(+ : ba, bb)
+    for (int64_t i = i0; i < i1; ++i) {
+      const T di = dy[i], g = pre_relu(x[i], s, t) > T(0) ? di : T(0);
+      ba += g;
+      bb += g * (x[i] - m);
+    }
+    sa += ba, sb += bb;
+  }
+  sums[0] = sa, sums[1] = sb;
+}
+
+// dx = kg g + kx (x - m) + k0, g gated as above.
+template <typename T>
+inline __attribute__((always_inline)) void dx_row(const T* x, const T* dy, int64_t len, T s, T t, T m, T kg, T kx,
+                                                  T k0, T* dx) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const T di = dy[i], g = pre_relu(x[i], s, t) > T(0) ? di : T(0);
+    dx[i] = kg * g + kx * (x[i] - m) + k0;
+  }
+}
+
+#define TLG_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+TLG_ROW_CLONES void moments_row_f(const float* x, int64_t len, double* sums) { moments_row(x, len, sums); }
+TLG_ROW_CLONES void apply_row_f(const float* x, int64_t len, float s, float t, float* y) { apply_row(x, len, s, t, y); }
+TLG_ROW_CLONES void gate_sums_row_f(const float* x, const float* dy, int64_t len, float s, float t, float m,
+                                    double* sums) {
+  gate_sums_row(x, dy, len, s, t, m, sums);
+}
+TLG_ROW_CLONES void dx_row_f(const float* x, const float* dy, int64_t len, float s, float t, float m, float kg,
+                             float kx, float k0, float* dx) {
+  dx_row(x, dy, len, s, t, m, kg, kx, k0, dx);
+}
+
+// The passes for T: float through the clones, double inline.
+template <typename T>
+struct Rows {
+  static void moments(const T* x, int64_t len, double* sums) { moments_row(x, len, sums); }
+  static void apply(const T* x, int64_t len, T s, T t, T* y) { apply_row(x, len, s, t, y); }
+  static void gate_sums(const T* x, const T* dy, int64_t len, T s, T t, T m, double* sums) {
+    gate_sums_row(x, dy, len, s, t, m, sums);
+  }
+  static void dx(const T* x, const T* dy, int64_t len, T s, T t, T m, T kg, T kx, T k0, T* out) {
+    dx_row(x, dy, len, s, t, m, kg, kx, k0, out);
+  }
+};
+template <>
+struct Rows<float> {
+  static void moments(const float* x, int64_t len, double* sums) { moments_row_f(x, len, sums); }
+  static void apply(const float* x, int64_t len, float s, float t, float* y) { apply_row_f(x, len, s, t, y); }
+  static void gate_sums(const float* x, const float* dy, int64_t len, float s, float t, float m, double* sums) {
+    gate_sums_row_f(x, dy, len, s, t, m, sums);
+  }
+  static void dx(const float* x, const float* dy, int64_t len, float s, float t, float m, float kg, float kx,
+                 float k0, float* out) {
+    dx_row_f(x, dy, len, s, t, m, kg, kx, k0, out);
+  }
+};
 
 // Row r's scale and shift from the (saved) group statistics: the forward and the backward's gate both
 // use these, so the gate opens exactly where the forward's output is positive.
@@ -69,7 +142,12 @@ void forward_impl(const T* x, const T* gamma, const T* beta, int64_t nb, int64_t
   const int64_t cg = c / groups;
   std::vector<double> mean_c(nb * c), m2_c(nb * c);
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t r = 0; r < nb * c; ++r) row_moments(x + r * len, len, mean_c[r], m2_c[r]);
+  for (int64_t r = 0; r < nb * c; ++r) {  // per row: mean and Σ (x - mean)², from sums around x[0]
+    double sums[2];
+    Rows<T>::moments(x + r * len, len, sums);
+    mean_c[r] = static_cast<double>(x[r * len]) + sums[0] / static_cast<double>(len);
+    m2_c[r] = std::max(0.0, sums[1] - sums[0] * sums[0] / static_cast<double>(len));
+  }
   std::vector<T> scale(nb * c), shift(nb * c);
   for (int64_t bg = 0; bg < nb * groups; ++bg) {
     const int64_t r0 = bg * cg;  // first row (b, c) of the group
@@ -85,13 +163,7 @@ void forward_impl(const T* x, const T* gamma, const T* beta, int64_t nb, int64_t
     for (int64_t k = 0; k < cg; ++k) row_affine(gamma, beta, mean_out, rstd_out, c, cg, r0 + k, scale[r0 + k], shift[r0 + k]);
   }
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t r = 0; r < nb * c; ++r) {
-    const T* in = x + r * len;
-    T* out = y + r * len;
-    const T s = scale[r], t = shift[r];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) out[i] = std::max(pre_relu(in[i], s, t), T(0));
-  }
+  for (int64_t r = 0; r < nb * c; ++r) Rows<T>::apply(x + r * len, len, scale[r], shift[r], y + r * len);
 }
 
 template <typename T>
@@ -103,23 +175,10 @@ void backward_impl(const T* dy, const T* x, const T* mean, const T* rstd, const 
   for (int64_t r = 0; r < nb * c; ++r) {
     T s, t;
     row_affine(gamma, beta, mean, rstd, c, cg, r, s, t);
-    const T* in = x + r * len;
-    const T* d = dy + r * len;
-    const T m = mean[r / cg];
-    double sa = 0, sb = 0;
-    for (int64_t i0 = 0; i0 < len; i0 += kBlock) {  // T sums over blocks (vectorised), double across them
-      const int64_t i1 = std::min(len, i0 + kBlock);
-      T ba = 0, bb = 0;
-#pragma omp simd reduction(+ : ba, bb)
-      for (int64_t i = i0; i < i1; ++i) {
-        const T di = d[i], g = pre_relu(in[i], s, t) > T(0) ? di : T(0);  // both loads unconditional
-        ba += g;
-        bb += g * (in[i] - m);
-      }
-      sa += ba, sb += bb;
-    }
-    a[r] = sa;
-    bsum[r] = sb * static_cast<double>(rstd[r / cg]);
+    double sums[2];
+    Rows<T>::gate_sums(x + r * len, dy + r * len, len, s, t, mean[r / cg], sums);
+    a[r] = sums[0];
+    bsum[r] = sums[1] * static_cast<double>(rstd[r / cg]);
   }
   if (dx) {
     std::vector<double> s1(nb * groups, 0.0), s2(nb * groups, 0.0);
@@ -137,15 +196,7 @@ void backward_impl(const T* dy, const T* x, const T* mean, const T* rstd, const 
       // dx = k_g g + k_x (x - μ) + k_0
       const T kg = static_cast<T>(rs * static_cast<double>(gamma[r % c]));
       const T kx = static_cast<T>(-rs * rs * s2[bg] / n), k0 = static_cast<T>(-rs * s1[bg] / n);
-      const T m = mean[bg];
-      const T* in = x + r * len;
-      const T* d = dy + r * len;
-      T* out = dx + r * len;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const T di = d[i], g = pre_relu(in[i], s, t) > T(0) ? di : T(0);
-        out[i] = kg * g + kx * (in[i] - m) + k0;
-      }
+      Rows<T>::dx(x + r * len, dy + r * len, len, s, t, mean[bg], kg, kx, k0, dx + r * len);
     }
   }
   if (dgamma)
