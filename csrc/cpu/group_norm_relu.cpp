@@ -88,7 +88,11 @@ inline __attribute__((always_inline)) void dx_row(const T* x, const T* dy, int64
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define TLG_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define TLG_ROW_CLONES
+#endif
 TLG_ROW_CLONES void moments_row_f(const float* x, int64_t len, double* sums) { moments_row(x, len, sums); }
 TLG_ROW_CLONES void apply_row_f(const float* x, int64_t len, float s, float t, float* y) { apply_row(x, len, s, t, y); }
 TLG_ROW_CLONES void gate_sums_row_f(const float* x, const float* dy, int64_t len, float s, float t, float m,
