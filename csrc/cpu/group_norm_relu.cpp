@@ -32,23 +32,31 @@ inline T pre_relu(T x, T s, T t) {
 }
 
 // ---- the four passes over one (b, c) row of length L (memory-bound; float gets AVX-512 clones) ----
-// Moments: Σ (x - k) and Σ (x - k)² around k = x[0].
-template <typename T>
-inline __attribute__((always_inline)) void moments_row(const T* x, int64_t len, double* sums) {
-  const T k = len ? x[0] : T(0);
+// sums = (Σ u_i, Σ v_i) with term(i, u_i, v_i): in T over blocks of kBlock values (vectorised), in double
+// across blocks.
+template <typename T, typename Term>
+inline __attribute__((always_inline)) void blocked_sums(int64_t len, Term term, double* sums) {
   double s1 = 0, s2 = 0;
   for (int64_t i0 = 0; i0 < len; i0 += kBlock) {
     const int64_t i1 = std::min(len, i0 + kBlock);
     T b1 = 0, b2 = 0;
 #pragma omp simd reduction(+ : b1, b2)
     for (int64_t i = i0; i < i1; ++i) {
-      const T d = x[i] - k;
-      b1 += d;
-      b2 += d * d;
+      T u, v;
+      term(i, u, v);
+      b1 += u;
+      b2 += v;
     }
     s1 += b1, s2 += b2;
   }
   sums[0] = s1, sums[1] = s2;
+}
+
+// Moments: Σ (x - k) and Σ (x - k)² around k = x[0].
+template <typename T>
+inline __attribute__((always_inline)) void moments_row(const T* x, int64_t len, double* sums) {
+  const T k = len ? x[0] : T(0);
+  blocked_sums<T>(len, [&](int64_t i, T& u, T& v) { u = x[i] - k, v = u * u; }, sums);
 }
 
 // y = max(0, x s + t).
@@ -62,19 +70,11 @@ inline __attribute__((always_inline)) void apply_row(const T* x, int64_t len, T 
 template <typename T>
 inline __attribute__((always_inline)) void gate_sums_row(const T* x, const T* dy, int64_t len, T s, T t, T m,
                                                          double* sums) {
-  double sa = 0, sb = 0;
-  for (int64_t i0 = 0; i0 < len; i0 += kBlock) {
-    const int64_t i1 = std::min(len, i0 + kBlock);
-    T ba = 0, bb = 0;
-#pragma omp simd reduction(+ : ba, bb)
-    for (int64_t i = i0; i < i1; ++i) {
-      const T di = dy[i], g = pre_relu(x[i], s, t) > T(0) ? di : T(0);
-      ba += g;
-      bb += g * (x[i] - m);
-    }
-    sa += ba, sb += bb;
-  }
-  sums[0] = sa, sums[1] = sb;
+  blocked_sums<T>(len, [&](int64_t i, T& u, T& v) {
+    const T di = dy[i];
+    u = pre_relu(x[i], s, t) > T(0) ? di : T(0);
+    v = u * (x[i] - m);
+  }, sums);
 }
 
 // dx = kg g + kx (x - m) + k0, g gated as above.
