@@ -5,8 +5,8 @@ The headline cases (13-layer correlation, HSNet encoder, Sinkhorn with POT's bat
 leave out for the CPU kernels: every center-pivot layer of the HSNet encoder at 400x400, batch 1,
 forward and forward+backward (the layer's input needs a gradient unless it is a block's first layer,
 whose input is a correlation stack, as in the models), the GroupNorm + ReLU after those layers, a
-single correlation layer forward+backward, and the peak memory of the encoder's forward+backward. Implementations are timed in turn
-(``conftest.compare``).
+single correlation layer forward+backward, and the peak memory of the encoder's forward+backward.
+Implementations are timed in turn (``conftest.compare``).
 
 Peak memory is the growth of the process's peak resident set (``ru_maxrss``) during one
 forward+backward, each implementation in a fresh subprocess after its inputs are built.
