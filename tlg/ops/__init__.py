@@ -108,11 +108,7 @@ def group_norm_relu(
     reference for it, so a model built for that backend still runs there."""
     _checks.group_norm_relu_inputs(x, groups, weight, bias, eps)
     impl = _backends.select_or_reference("group_norm_relu", backend, x.device)
-    if impl.name == "reference":
-        return impl.group_norm_relu(x, groups, weight, bias, float(eps))
-    weight = x.new_ones(x.shape[1]) if weight is None else weight
-    bias = x.new_zeros(x.shape[1]) if bias is None else bias
-    return impl.group_norm_relu(x.contiguous(), groups, weight, bias, float(eps))
+    return impl.group_norm_relu(x, groups, weight, bias, float(eps))
 
 
 def sinkhorn(

@@ -133,7 +133,10 @@ class LibraryBackend(Backend):
         return self._op("cp_conv4d_forward")(x, weight_q, bias_q, weight_s, bias_s, stride)
 
     def group_norm_relu(self, x, groups, weight, bias, eps):
-        return self._op("group_norm_relu_forward")(x, groups, weight, bias, eps)[0]
+        """The kernel's schema takes weight and bias: None means 1 and 0, as in the reference."""
+        weight = x.new_ones(x.shape[1]) if weight is None else weight
+        bias = x.new_zeros(x.shape[1]) if bias is None else bias
+        return self._op("group_norm_relu_forward")(x.contiguous(), groups, weight, bias, eps)[0]
 
     def sinkhorn(self, cost, a, b, eps, max_iter, tol, check_every):
         """With no gradient wanted, the kernel runs below the autograd key directly: what the op's registered
