@@ -148,7 +148,10 @@ struct Geometry {
 };
 
 // Per-thread scratch kept across calls: a task's buffers (MiBs) cost no page faults or zero fills after
-// the first call. grow() never shrinks, so a later larger request zero-fills only the new tail.
+// the first call. grow() never shrinks, so a later larger request zero-fills only the new tail. Slots
+// below kCallSlots are a task's, in the thread that runs it; from kCallSlots up, a call's own (weights
+// transformed for it, the threads' gradient sums), taken in the calling thread.
+constexpr int kCallSlots = 16;
 template <typename T, int Slot>
 std::vector<T>& scratch() {
   static thread_local std::vector<T> buf;
@@ -217,19 +220,23 @@ void support_rows(const Geometry& g, const T* xb, int64_t a0, int64_t na, T* xs)
   }
 }
 
-// Small support grids: wbig[(o, p), (c, s)] = Ws[o, c, t] where tap t of p reads s, else 0.
+// Small support grids: wbig[(o, p), (c, s)] = Ws[o, c, t] where tap t of p reads s, else 0; into a
+// kept buffer, rows zeroed and filled in parallel.
 template <typename T>
-std::vector<T> big_weights(const Geometry& g, const T* ws) {
+const T* big_weights(const Geometry& g, const T* ws, std::vector<T>& buf) {
   const int64_t ks2 = g.ks * g.ks, kb = g.cin * g.S;
-  std::vector<T> w(g.cout * g.Sp * kb, T(0));
+  grow(buf, g.cout * g.Sp * kb);
+  T* w = buf.data();
 #pragma omp parallel for
-  for (int64_t o = 0; o < g.cout; ++o)
+  for (int64_t o = 0; o < g.cout; ++o) {
+    std::fill_n(w + o * g.Sp * kb, g.Sp * kb, T(0));
     for (int64_t p = 0; p < g.Sp; ++p)
       for (int64_t t = 0; t < ks2; ++t) {
         const int src = g.sidx[t * g.Sp + p];
         if (src == g.S) continue;
         for (int64_t c = 0; c < g.cin; ++c) w[(o * g.Sp + p) * kb + c * g.S + src] = ws[(o * g.cin + c) * ks2 + t];
       }
+  }
   return w;
 }
 
@@ -238,7 +245,7 @@ template <typename T>
 const T* pruned_x(const Geometry& g, const T* x, std::vector<T>& buf) {
   if (g.Sp == g.S) return x;  // stride 1 (or a 1x1 grid): s_p = p
   const int64_t rows = g.nb * g.cin * g.P;
-  buf.resize(rows * g.Sp);
+  grow(buf, rows * g.Sp);
   T* xp = buf.data();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -434,16 +441,17 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
-  const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
-  const auto uq = g.wino ? winograd_weights<kWino>(wq, g.cout, g.cin) : std::vector<T>();
+  const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
+  auto& uq = scratch<T, kCallSlots + 1>();
+  if (g.wino) winograd_weights<kWino>(wq, g.cout, g.cin, uq);
   const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
   const bool g16 = use_gemm16<T>(g.cout);
   std::vector<T> wt(g16 ? k * 16 : 0);  // W_main transposed, K x 16
   if (g16)
     for (int64_t o = 0; o < 16; ++o)
       for (int64_t kk = 0; kk < k; ++kk) wt[kk * 16 + o] = w[o * k + kk];
-  std::vector<T> xp_buf;
-  const T* xp = g16 ? nullptr : pruned_x(g, x, xp_buf);  // the Cout = 16 path reads the padded copy instead
+  // (the Cout = 16 path reads the padded copy instead)
+  const T* xp = g16 ? nullptr : pruned_x(g, x, scratch<T, kCallSlots + 2>());
   const T* xpp = g16 ? padded_query_dims(g, x, g.cin, true, scratch<T, 7>()) : nullptr;
 #pragma omp parallel
   {
@@ -481,7 +489,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         grow(cs, kb * na);
         grow(tmp, mb * na);
         support_rows(g, xb, a0, na, cs.data());
-        gemm<T>(false, false, mb, na, kb, T(1), wbig.data(), kb, cs.data(), na, T(0), tmp.data(), na);
+        gemm<T>(false, false, mb, na, kb, T(1), wbig, kb, cs.data(), na, T(0), tmp.data(), na);
         for (int64_t o = 0; o < g.cout; ++o)
           for (int64_t i = 0; i < na; ++i)
             for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
@@ -514,47 +522,52 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
-  const auto wbig = g.small_s ? big_weights(g, ws) : std::vector<T>();
+  const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
   const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
   const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
   const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
-  std::vector<T> xp_buf;
   const bool dw16 = dwq && use_gemm16<T>(g.cout);  // Cout = 16: the main weight gradient by wgrad16
-  const T* xp = dwq && !dw16 ? pruned_x(g, x, xp_buf) : nullptr;
+  const T* xp = dwq && !dw16 ? pruned_x(g, x, scratch<T, kCallSlots + 2>()) : nullptr;
   const T* xpp = dw16 ? padded_query_dims(g, x, g.cin, true, scratch<T, 7>()) : nullptr;
   const int64_t npk = packs.size();
-  std::vector<T> wf(g.cin * g.cout * g.kq2);  // wf[c, (o, u)] = Wq[o, c, kq²-1-u]
-  for (int64_t c = 0; c < g.cin; ++c)
+  auto& uf = scratch<T, kCallSlots + 1>();  // by Winograd: the flipped Wq transformed
+  if (g.wino && dx) winograd_weights<kWino>(wq, g.cin, g.cout, uf, true);
+  std::vector<T> wf(dx && !g.wino ? g.cin * g.cout * g.kq2 : 0);  // else wf[c, (o, u)] = Wq[o, c, kq²-1-u]
+#pragma omp parallel for
+  for (int64_t c = 0; c < static_cast<int64_t>(wf.size()) / (g.cout * g.kq2); ++c)
     for (int64_t o = 0; o < g.cout; ++o)
       for (int64_t u = 0; u < g.kq2; ++u) wf[(c * g.cout + o) * g.kq2 + u] = wq[(o * g.cin + c) * g.kq2 + g.kq2 - 1 - u];
-  const auto uf = g.wino && dx ? winograd_weights<kWino>(wf.data(), g.cin, g.cout) : std::vector<T>();
   const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16
   std::vector<T> wft(dx16 ? g.cout * g.kq2 * 16 : 0), zeros16(16, T(0));  // wf transposed, (Cout kq²) x 16
   const T* dy_padded = dx16 ? padded_query_dims(g, dy, g.cout, false, scratch<T, 8>()) : nullptr;
   for (int64_t c = 0; dx16 && c < 16; ++c)
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
-  std::vector<std::vector<T>> dw_thr(nthr);                // per thread: Cout x K_main
-  std::vector<std::vector<std::vector<T>>> dwp_thr(nthr);  // per thread, per tap set: Cout x Cin |T|
-  std::vector<std::vector<T>> dwb_thr(nthr);               // per thread (small grids): mb x kb
-  std::vector<std::vector<T>> dww_thr(nthr);               // per thread (Winograd): α² x Cout x Cin
-  std::vector<std::vector<T>> dwt_thr(nthr);               // per thread (Cout = 16): K_main x 16
-  if (dwq)
-    for (int i = 0; i < nthr; ++i) {
-      dw_thr[i].assign(g.cout * k, T(0));
-      if (g.wino) dww_thr[i].assign(WinogradF<kWino>::a * WinogradF<kWino>::a * g.cout * g.cin, T(0));
-      if (dw16) dwt_thr[i].assign(k * 16, T(0));
-      if (g.small_s) dwb_thr[i].assign(mb * kb, T(0));
-      for (int64_t pk = 0; pk < npk; ++pk) dwp_thr[i].emplace_back(packs[pk].size(), T(0));
-    }
+  // Each thread's weight-gradient sums, in one kept buffer of its own zeroed in the region: the main
+  // GEMM's (Cout x K_main), Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids'
+  // (mb x kb) and each tap set's (Cout x Cin |T|), at these offsets.
+  constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
+  const int64_t off_wino = g.cout * k, off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0);
+  const int64_t off_big = off_t16 + (dw16 ? k * 16 : 0);
+  std::vector<int64_t> off_pack{off_big + (g.small_s ? mb * kb : 0)};
+  for (int64_t pk = 0; pk < npk; ++pk) off_pack.push_back(off_pack.back() + static_cast<int64_t>(packs[pk].size()));
+  const int64_t acc_size = dwq ? off_pack.back() : 0;
+  std::vector<T*> sums(nthr, nullptr);
 #pragma omp parallel num_threads(nthr)
   {
+    T* dw = nullptr;  // this thread's sums
+    if (dwq) {
+      auto& buf = scratch<T, 9>();
+      grow(buf, acc_size);
+      dw = buf.data();
+      std::fill_n(dw, acc_size, T(0));
+      sums[thread_id()] = dw;
+    }
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>(), &dyp = scratch<T, 3>(),
          &dcol = scratch<T, 4>(), &dcolq = scratch<T, 5>(), &dxq = scratch<T, 6>();
     std::vector<T> acc, dyt;
     std::vector<const T*> rows;
     (void)tmp;
-    const int tid = thread_id();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.nb * g.nchunks; ++task) {
       const int64_t b = task / g.nchunks, a0 = (task % g.nchunks) * g.chunk, na = std::min(g.chunk, g.P - a0);
@@ -575,16 +588,16 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
           main_rows16(g, xpp, col.data(), n, b, a0, i, k, rows.data());
           wgrad16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(dyt.data() + i * g.Sp * 16),
-                         reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(dwt_thr[tid].data()));
+                         reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(dw + off_t16));
         });
       } else if (dwq && k > 0) {
         grow(col, k * n);
         main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data(), query_in_main);
-        gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw_thr[tid].data(), k);
+        gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw, k);
       }
       if (dwq && g.wino)
         winograd_weight_grad_rows<kWino>(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
-                                  (a0 + na) / g.wa, dww_thr[tid].data(), winograd_scratch<T>());
+                                  (a0 + na) / g.wa, dw + off_wino, winograd_scratch<T>());
       if (g.dense && dx) {  // support part, all taps
         grow(dcol, g.cin * ks2 * n);
         gemm<T>(true, false, g.cin * ks2, n, g.cout, T(1), w.data() + qc, k, dyc, ldy, T(0), dcol.data(), n);
@@ -609,11 +622,11 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         if (dwq) {
           grow(cs, kb * na);
           support_rows(g, xb, a0, na, cs.data());
-          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), dwb_thr[tid].data(), kb);
+          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), dw + off_big, kb);
         }
         if (dx) {
           grow(dcol, kb * na);
-          gemm<T>(true, false, kb, na, mb, T(1), wbig.data(), kb, dyp.data(), na, T(0), dcol.data(), na);
+          gemm<T>(true, false, kb, na, mb, T(1), wbig, kb, dyp.data(), na, T(0), dcol.data(), na);
           for (int64_t c = 0; c < g.cin; ++c) {
             T* out = dxb + c * g.P * g.S + a0 * g.S;
             for (int64_t i = 0; i < na; ++i)
@@ -630,7 +643,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           if (dwq) {
             grow(cs, kp * na);
             support_cols_at(g, xb, p, a0, na, cs.data());
-            gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), dwp_thr[tid][pk].data(), kp);
+            gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), dw + off_pack[pk], kp);
           }
           if (dx) {
             grow(dcol, kp * na);
@@ -678,41 +691,38 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       }
     }
   }
-  if (dwq) {  // reduce the per-thread accumulators into (Cout, Cin, k, k)
-    std::fill(dwq, dwq + g.cout * g.cin * g.kq2, T(0));
-    std::fill(dws, dws + g.cout * g.cin * ks2, T(0));
-    if (g.wino) {  // summed over the threads in the Winograd domain, transformed back once
-      for (int i = 1; i < nthr; ++i)
-        for (size_t e = 0; e < dww_thr[0].size(); ++e) dww_thr[0][e] += dww_thr[i][e];
-      winograd_weight_grad_finish<kWino>(dww_thr[0].data(), g.cout, g.cin, dwq);
-    }
-    for (int i = 0; i < nthr; ++i) {
-      auto& main = dw_thr[i];
-      for (int64_t kk = 0; dw16 && kk < k; ++kk)
-        for (int64_t o = 0; o < 16; ++o) main[o * k + kk] += dwt_thr[i][kk * 16 + o];
-      for (int64_t o = 0; o < g.cout; ++o) {
-        for (int64_t j = 0; j < qc; ++j) dwq[o * qc + j] += main[o * k + j];
-        if (g.dense)
-          for (int64_t j = 0; j < g.cin * ks2; ++j) dws[o * g.cin * ks2 + j] += main[o * k + qc + j];
-      }
-      if (g.small_s)
-        for (int64_t o = 0; o < g.cout; ++o)
-          for (int64_t p = 0; p < g.Sp; ++p)
-            for (int64_t t = 0; t < ks2; ++t) {
-              const int src = g.sidx[t * g.Sp + p];
-              if (src == g.S) continue;
-              for (int64_t c = 0; c < g.cin; ++c)
-                dws[(o * g.cin + c) * ks2 + t] += dwb_thr[i][(o * g.Sp + p) * kb + c * g.S + src];
-            }
-      for (int64_t pk = 0; pk < npk; ++pk) {
-        const auto& taps = g.taps[pk];
-        const int64_t nt = taps.size();
-        for (int64_t o = 0; o < g.cout; ++o)
+  if (dwq) {  // the threads' sums into (Cout, Cin, k, k), in parallel over Cout
+    std::vector<const T*> parts, wino_parts;
+    for (T* p : sums)
+      if (p) parts.push_back(p), wino_parts.push_back(p + off_wino);
+#pragma omp parallel for
+    for (int64_t o = 0; o < g.cout; ++o) {
+      T* dq = dwq + o * g.cin * g.kq2;
+      T* ds = dws + o * g.cin * ks2;
+      if (!g.wino) std::fill_n(dq, g.cin * g.kq2, T(0));  // (by Winograd: written by the finish below)
+      std::fill_n(ds, g.cin * ks2, T(0));
+      for (const T* part : parts) {
+        const T* main = part + o * k;  // [query | support] columns of the main GEMM
+        auto main_at = [&](int64_t kk) { return main[kk] + (dw16 ? part[off_t16 + kk * 16 + o] : T(0)); };
+        for (int64_t j = 0; j < qc; ++j) dq[j] += main_at(j);
+        for (int64_t j = 0; g.dense && j < g.cin * ks2; ++j) ds[j] += main_at(qc + j);
+        for (int64_t p = 0; g.small_s && p < g.Sp; ++p)
+          for (int64_t t = 0; t < ks2; ++t) {
+            const int src = g.sidx[t * g.Sp + p];
+            if (src == g.S) continue;
+            const T* big = part + off_big + (o * g.Sp + p) * kb + src;
+            for (int64_t c = 0; c < g.cin; ++c) ds[c * ks2 + t] += big[c * g.S];
+          }
+        for (int64_t pk = 0; pk < npk; ++pk) {
+          const auto& taps = g.taps[pk];
+          const int64_t nt = taps.size();
+          const T* w = part + off_pack[pk] + o * g.cin * nt;
           for (int64_t c = 0; c < g.cin; ++c)
-            for (int64_t ti = 0; ti < nt; ++ti)
-              dws[(o * g.cin + c) * ks2 + taps[ti]] += dwp_thr[i][pk][(o * g.cin + c) * nt + ti];
+            for (int64_t ti = 0; ti < nt; ++ti) ds[c * ks2 + taps[ti]] += w[c * nt + ti];
+        }
       }
     }
+    if (g.wino) winograd_weight_grad_finish<kWino>(wino_parts, g.cout, g.cin, dwq);
   }
 }
 

@@ -30,30 +30,40 @@ struct WinogradF<2> {  // Bᵀ (α x α), G (α x 3), Aᵀ (m x α)
   static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
 
-// The kernel transform as a matrix: (G g Gᵀ)[ξ = (r, q)] = Σ_k K[ξ, k] g[k], K[ξ, (y, x)] = G[r][y] G[q][x]
-// (α² x 9; its entries are products of 0, ±1/2 and 1, exact in any precision).
-template <int Mt, typename T>
-std::vector<T> winograd_kernel_matrix() {
-  using F = WinogradF<Mt>;
-  constexpr int A = F::a;
-  std::vector<T> k(A * A * 9);
-  for (int r = 0; r < A; ++r)
-    for (int q = 0; q < A; ++q)
-      for (int y = 0; y < 3; ++y)
-        for (int x = 0; x < 3; ++x) k[(r * A + q) * 9 + y * 3 + x] = T(F::G[r][y] * F::G[q][x]);
-  return k;
+template <typename T>
+T* grown(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  return v.data();
 }
 
-// U[ξ, o, c] = (G w[o, c] Gᵀ)[ξ] for w (M, C, 3, 3): one GEMM K (α² x 9) · wᵀ (9 x M C).
+// U[ξ, j] = (G g_j Gᵀ)[ξ] for the M C kernels g_j = w[j] (3x3) of w (M, C, 3, 3), into u (α² x M C):
+// separable, G along the kernel's rows then its columns; parallel over blocks of kBlockJ kernels, each
+// written out row by row (U's α² rows lie M C apart: a store per row and kernel thrashed L1). With
+// `flipped`, w is (C, M, 3, 3) and g_(m, c) = w[c, m] rotated by 180° (the kernel of the input gradient).
+constexpr int64_t kBlockJ = 64;
 template <int Mt, typename T>
-std::vector<T> winograd_weights(const T* w, int64_t m, int64_t c) {
-  constexpr int A2 = WinogradF<Mt>::a * WinogradF<Mt>::a;
+void winograd_weights(const T* w, int64_t m, int64_t c, std::vector<T>& u, bool flipped = false) {
+  using F = WinogradF<Mt>;
+  constexpr int A = F::a;
   const int64_t mc = m * c;
-  std::vector<T> wt(9 * mc), u(A2 * mc);
-  for (int64_t j = 0; j < mc; ++j)
-    for (int k = 0; k < 9; ++k) wt[k * mc + j] = w[j * 9 + k];
-  gemm<T>(false, false, A2, mc, 9, T(1), winograd_kernel_matrix<Mt, T>().data(), 9, wt.data(), mc, T(0), u.data(), mc);
-  return u;
+  T* out = grown(u, A * A * mc);
+#pragma omp parallel for schedule(static)
+  for (int64_t j0 = 0; j0 < mc; j0 += kBlockJ) {
+    const int64_t nj = std::min(kBlockJ, mc - j0);
+    T blk[A * A][kBlockJ];
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      const int64_t j = j0 + jj;
+      T g[9];
+      for (int k = 0; k < 9; ++k) g[k] = flipped ? w[((j % c) * m + j / c) * 9 + 8 - k] : w[j * 9 + k];
+      T t[A][3];  // G g
+      for (int r = 0; r < A; ++r)
+        for (int x = 0; x < 3; ++x) t[r][x] = T(F::G[r][0]) * g[x] + T(F::G[r][1]) * g[3 + x] + T(F::G[r][2]) * g[6 + x];
+      for (int r = 0; r < A; ++r)
+        for (int q = 0; q < A; ++q)
+          blk[r * A + q][jj] = t[r][0] * T(F::G[q][0]) + t[r][1] * T(F::G[q][1]) + t[r][2] * T(F::G[q][2]);
+    }
+    for (int xi = 0; xi < A * A; ++xi) std::copy(blk[xi], blk[xi] + nj, out + xi * mc + j0);
+  }
 }
 
 // Per-thread buffers of one call: transformed input (α² x C x N), products (α² x M x N) and rows.
@@ -68,12 +78,6 @@ struct WinogradTiles {
   WinogradTiles(int m, int64_t wd, int64_t n, int64_t r0, int64_t r1)
       : ty0(r0 / m), ty1((r1 + m - 1) / m), tw((wd + m - 1) / m), N((ty1 - ty0) * tw * n) {}
 };
-
-template <typename T>
-T* grown(std::vector<T>& v, int64_t size) {
-  if (static_cast<int64_t>(v.size()) < size) v.resize(size);
-  return v.data();
-}
 
 // out[q os + tx n + j] = Σ_i coef(q, i) t[(m tx + i) n + j], q < Q, i < I: a small constant matrix
 // applied along x to the columns of every tile of a transformed row t (n values per column).
@@ -223,15 +227,34 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
     gemm<T>(false, true, m, c, N, T(1), e + xi * m * N, N, v + xi * c * N, N, T(1), acc + xi * m * c, c);
 }
 
-// dw[o, c] += Gᵀ acc[:, o, c] G (3x3 from the α x α of acc): one GEMM Kᵀ (9 x α²) · acc (α² x M C).
+// dw[j] = Gᵀ A_j G (3x3 from the α x α A_j) with A = Σ_i accs[i] (α² x M C each, the threads' sums of
+// winograd_weight_grad_rows): separable, like winograd_weights, over blocks of kBlockJ kernels read row
+// by row.
 template <int Mt, typename T>
-void winograd_weight_grad_finish(const T* acc, int64_t m, int64_t c, T* dw) {
-  constexpr int A2 = WinogradF<Mt>::a * WinogradF<Mt>::a;
+void winograd_weight_grad_finish(const std::vector<const T*>& accs, int64_t m, int64_t c, T* dw) {
+  using F = WinogradF<Mt>;
+  constexpr int A = F::a;
   const int64_t mc = m * c;
-  std::vector<T> t(9 * mc);
-  gemm<T>(true, false, 9, mc, A2, T(1), winograd_kernel_matrix<Mt, T>().data(), 9, acc, mc, T(0), t.data(), mc);
-  for (int64_t j = 0; j < mc; ++j)
-    for (int k = 0; k < 9; ++k) dw[j * 9 + k] += t[k * mc + j];
+#pragma omp parallel for schedule(static)
+  for (int64_t j0 = 0; j0 < mc; j0 += kBlockJ) {
+    const int64_t nj = std::min(kBlockJ, mc - j0);
+    T blk[A * A][kBlockJ] = {};
+    for (const T* acc : accs)
+      for (int xi = 0; xi < A * A; ++xi)
+        for (int64_t jj = 0; jj < nj; ++jj) blk[xi][jj] += acc[xi * mc + j0 + jj];
+    for (int64_t jj = 0; jj < nj; ++jj) {
+      T t[A][3] = {};  // A_j G
+      for (int r = 0; r < A; ++r)
+        for (int q = 0; q < A; ++q)
+          for (int x = 0; x < 3; ++x) t[r][x] += blk[r * A + q][jj] * T(F::G[q][x]);
+      for (int y = 0; y < 3; ++y)
+        for (int x = 0; x < 3; ++x) {
+          T v = 0;
+          for (int r = 0; r < A; ++r) v += T(F::G[r][y]) * t[r][x];
+          dw[(j0 + jj) * 9 + y * 3 + x] = v;
+        }
+    }
+  }
 }
 
 }  // namespace tlg_cpu
