@@ -518,7 +518,8 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
 //   query part of dx as a gather: dx[:, a, s_p] += Wq_flippedᵀ col_q(dy)[:, (a, p)], nothing written
 //   outside the chunk.
 template <typename T>
-void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws) {
+void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws,
+                   T* db) {
   const bool query_in_main = !g.wino;
   const auto w = main_weights(g, wq, ws, query_in_main);
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
@@ -543,26 +544,28 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   for (int64_t c = 0; dx16 && c < 16; ++c)
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
-  // Each thread's weight-gradient sums, in one kept buffer of its own zeroed in the region: the main
-  // GEMM's (Cout x K_main), Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids'
-  // (mb x kb) and each tap set's (Cout x Cin |T|), at these offsets.
+  // Each thread's gradient sums, in one kept buffer of its own zeroed in the region: the bias's (Cout; of
+  // the dy rows while a task has them in cache) and the weights': the main GEMM's (Cout x K_main),
+  // Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids' (mb x kb) and each tap
+  // set's (Cout x Cin |T|), at these offsets.
   constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
-  const int64_t off_wino = g.cout * k, off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0);
+  const int64_t off_main = db ? g.cout : 0, off_wino = off_main + g.cout * k, off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0);
   const int64_t off_big = off_t16 + (dw16 ? k * 16 : 0);
   std::vector<int64_t> off_pack{off_big + (g.small_s ? mb * kb : 0)};
   for (int64_t pk = 0; pk < npk; ++pk) off_pack.push_back(off_pack.back() + static_cast<int64_t>(packs[pk].size()));
-  const int64_t acc_size = dwq ? off_pack.back() : 0;
+  const int64_t acc_size = dwq ? off_pack.back() : db ? g.cout : 0;
   std::vector<T*> sums(nthr, nullptr);
 #pragma omp parallel num_threads(nthr)
   {
-    T* dw = nullptr;  // this thread's sums
-    if (dwq) {
+    T* part = nullptr;  // this thread's sums
+    if (acc_size) {
       auto& buf = scratch<T, 9>();
       grow(buf, acc_size);
-      dw = buf.data();
-      std::fill_n(dw, acc_size, T(0));
-      sums[thread_id()] = dw;
+      part = buf.data();
+      std::fill_n(part, acc_size, T(0));
+      sums[thread_id()] = part;
     }
+    T* dw = part + off_main;  // the main GEMM's sums
     auto &col = scratch<T, 0>(), &cs = scratch<T, 1>(), &tmp = scratch<T, 2>(), &dyp = scratch<T, 3>(),
          &dcol = scratch<T, 4>(), &dcolq = scratch<T, 5>(), &dxq = scratch<T, 6>();
     std::vector<T> acc, dyt;
@@ -576,6 +579,11 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       const T* dyb = dy + b * g.cout * ldy;
       const T* dyc = dyb + a0 * g.Sp;  // Cout x n, row stride ldy
       T* dxb = dx ? dx + b * g.cin * g.P * g.S : nullptr;
+      for (int64_t o = 0; db && o < g.cout; ++o) {
+        T s = 0;
+        for (int64_t j = 0; j < n; ++j) s += dyc[o * ldy + j];
+        part[o] += s;
+      }
       if (dx)  // the task's rows of dx start at zero here, in its own thread (no serial zero fill)
         for (int64_t c = 0; c < g.cin; ++c) std::fill_n(dxb + c * g.P * g.S + a0 * g.S, na * g.S, T(0));
       if (dw16) {  // dwt (K x 16) += B dyᵀ; B's query rows in place, its support rows from col
@@ -588,7 +596,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
           main_rows16(g, xpp, col.data(), n, b, a0, i, k, rows.data());
           wgrad16_avx512(len * g.Sp, k, reinterpret_cast<const float*>(dyt.data() + i * g.Sp * 16),
-                         reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(dw + off_t16));
+                         reinterpret_cast<const float* const*>(rows.data()), reinterpret_cast<float*>(part + off_t16));
         });
       } else if (dwq && k > 0) {
         grow(col, k * n);
@@ -597,7 +605,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       }
       if (dwq && g.wino)
         winograd_weight_grad_rows<kWino>(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
-                                  (a0 + na) / g.wa, dw + off_wino, winograd_scratch<T>());
+                                  (a0 + na) / g.wa, part + off_wino, winograd_scratch<T>());
       if (g.dense && dx) {  // support part, all taps
         grow(dcol, g.cin * ks2 * n);
         gemm<T>(true, false, g.cin * ks2, n, g.cout, T(1), w.data() + qc, k, dyc, ldy, T(0), dcol.data(), n);
@@ -622,7 +630,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         if (dwq) {
           grow(cs, kb * na);
           support_rows(g, xb, a0, na, cs.data());
-          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), dw + off_big, kb);
+          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), part + off_big, kb);
         }
         if (dx) {
           grow(dcol, kb * na);
@@ -643,7 +651,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           if (dwq) {
             grow(cs, kp * na);
             support_cols_at(g, xb, p, a0, na, cs.data());
-            gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), dw + off_pack[pk], kp);
+            gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), part + off_pack[pk], kp);
           }
           if (dx) {
             grow(dcol, kp * na);
@@ -691,10 +699,14 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       }
     }
   }
+  std::vector<const T*> parts, wino_parts;
+  for (T* p : sums)
+    if (p) parts.push_back(p), wino_parts.push_back(p + off_wino);
+  for (int64_t o = 0; db && o < g.cout; ++o) {
+    db[o] = T(0);
+    for (const T* part : parts) db[o] += part[o];
+  }
   if (dwq) {  // the threads' sums into (Cout, Cin, k, k), in parallel over Cout
-    std::vector<const T*> parts, wino_parts;
-    for (T* p : sums)
-      if (p) parts.push_back(p), wino_parts.push_back(p + off_wino);
 #pragma omp parallel for
     for (int64_t o = 0; o < g.cout; ++o) {
       T* dq = dwq + o * g.cin * g.kq2;
@@ -702,7 +714,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       if (!g.wino) std::fill_n(dq, g.cin * g.kq2, T(0));  // (by Winograd: written by the finish below)
       std::fill_n(ds, g.cin * ks2, T(0));
       for (const T* part : parts) {
-        const T* main = part + o * k;  // [query | support] columns of the main GEMM
+        const T* main = part + off_main + o * k;  // [query | support] columns of the main GEMM
         auto main_at = [&](int64_t kk) { return main[kk] + (dw16 ? part[off_t16 + kk * 16 + o] : T(0)); };
         for (int64_t j = 0; j < qc; ++j) dq[j] += main_at(j);
         for (int64_t j = 0; g.dense && j < g.cin * ks2; ++j) ds[j] += main_at(qc + j);
@@ -795,10 +807,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
   auto db = output_mask[2] ? x.new_empty({g.cout}) : none;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tlg_cp_conv4d_backward", [&] {
     auto ptr = [](at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    if (output_mask[0] || output_mask[1])
+    if (output_mask[0] || output_mask[1])  // the bias gradient along, from the same pass over dy
       backward_impl<scalar_t>(g, x.data_ptr<scalar_t>(), wq.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
-                              dy.data_ptr<scalar_t>(), ptr(dx), ptr(dwq), ptr(dws));
-    if (output_mask[2]) bias_grad<scalar_t>(g, dy.data_ptr<scalar_t>(), ptr(db));
+                              dy.data_ptr<scalar_t>(), ptr(dx), ptr(dwq), ptr(dws), ptr(db));
+    else if (output_mask[2])
+      bias_grad<scalar_t>(g, dy.data_ptr<scalar_t>(), ptr(db));
   });
   if (output_mask[1] && g.folded) {  // Ws's center took part as Wq's center; its other taps read padding
     const int64_t cq = g.kq / 2, cs = g.ks / 2;
