@@ -75,15 +75,18 @@ class HypercorrelationEncoder(nn.Module):
 
     @staticmethod
     def resize_query_dims(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Resize (Ha, Wa) of ``x`` (B, C, Ha, Wa, Hb, Wb) to those of ``like``; (Hb, Wb) too if they differ."""
+        """Resize (Ha, Wa) of ``x`` (B, C, Ha, Wa, Hb, Wb) to those of ``like``; (Hb, Wb) too if they differ.
+
+        x's memory is (B C, Ha, Wa, Hb Wb): a channels-last (B C, Hb Wb, Ha, Wa) image batch, which the
+        bilinear kernel reads and writes in that layout, so no permuted copies go in or come out.
+        """
         b, c, ha, wa, hb, wb = x.shape
         (ta, tw), (tb, twb) = like.shape[2:4], like.shape[4:6]
         if (ha, wa) != (ta, tw):
-            y = x.permute(0, 4, 5, 1, 2, 3).reshape(b * hb * wb, c, ha, wa)
-            x = resize(y, (ta, tw)).reshape(b, hb, wb, c, ta, tw).permute(0, 3, 4, 5, 1, 2)
+            y = resize(x.reshape(b * c, ha, wa, hb * wb).permute(0, 3, 1, 2), (ta, tw))
+            x = y.permute(0, 2, 3, 1).reshape(b, c, ta, tw, hb, wb)
         if (hb, wb) != (tb, twb):  # only at unusual input sizes; HSNet's sizes always agree here
-            y = x.permute(0, 2, 3, 1, 4, 5).reshape(b * ta * tw, c, hb, wb)
-            x = resize(y, (tb, twb)).reshape(b, ta, tw, c, tb, twb).permute(0, 3, 1, 2, 4, 5)
+            x = resize(x.reshape(b, c * ta * tw, hb, wb), (tb, twb)).reshape(b, c, ta, tw, tb, twb)
         return x.contiguous()
 
     def encode(self, corr_pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
