@@ -549,8 +549,8 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   // Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids' (mb x kb) and each tap
   // set's (Cout x Cin |T|), at these offsets.
   constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
-  const int64_t off_main = db ? g.cout : 0, off_wino = off_main + g.cout * k, off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0);
-  const int64_t off_big = off_t16 + (dw16 ? k * 16 : 0);
+  const int64_t off_main = db ? g.cout : 0, off_wino = off_main + g.cout * k;
+  const int64_t off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0), off_big = off_t16 + (dw16 ? k * 16 : 0);
   std::vector<int64_t> off_pack{off_big + (g.small_s ? mb * kb : 0)};
   for (int64_t pk = 0; pk < npk; ++pk) off_pack.push_back(off_pack.back() + static_cast<int64_t>(packs[pk].size()));
   const int64_t acc_size = dwq ? off_pack.back() : db ? g.cout : 0;
