@@ -145,7 +145,7 @@ void forward_impl(const T* x, const T* gamma, const T* beta, int64_t nb, int64_t
                   double eps, T* y, T* mean_out, T* rstd_out) {
   const int64_t cg = c / groups;
   std::vector<double> mean_c(nb * c), m2_c(nb * c);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < nb * c; ++r) {  // per row: mean and Σ (x - mean)², from sums around x[0]
     double sums[2];
     Rows<T>::moments(x + r * len, len, sums);
@@ -166,7 +166,7 @@ void forward_impl(const T* x, const T* gamma, const T* beta, int64_t nb, int64_t
     rstd_out[bg] = static_cast<T>(1.0 / std::sqrt(m2 / static_cast<double>(cg * len) + eps));
     for (int64_t k = 0; k < cg; ++k) row_affine(gamma, beta, mean_out, rstd_out, c, cg, r0 + k, scale[r0 + k], shift[r0 + k]);
   }
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < nb * c; ++r) Rows<T>::apply(x + r * len, len, scale[r], shift[r], y + r * len);
 }
 
@@ -175,7 +175,7 @@ void backward_impl(const T* dy, const T* x, const T* mean, const T* rstd, const 
                    int64_t c, int64_t len, int64_t groups, T* dx, T* dgamma, T* dbeta) {
   const int64_t cg = c / groups;
   std::vector<double> a(nb * c), bsum(nb * c);  // A_c = Σ g, B_c = Σ g x̂ per row
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < nb * c; ++r) {
     T s, t;
     row_affine(gamma, beta, mean, rstd, c, cg, r, s, t);
@@ -191,7 +191,7 @@ void backward_impl(const T* dy, const T* x, const T* mean, const T* rstd, const 
       s1[r / cg] += gm * a[r];
       s2[r / cg] += gm * bsum[r];
     }
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < nb * c; ++r) {
       T s, t;
       row_affine(gamma, beta, mean, rstd, c, cg, r, s, t);
