@@ -1,6 +1,8 @@
 // Shared helpers of the CPU kernels: row-major GEMM on raw pointers, dtype plumbing.
 #pragma once
 #include <torch/extension.h>
+
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -57,6 +59,13 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, con
   auto ld = [](int64_t v) { return static_cast<int>(std::max<int64_t>(v, 1)); };
   blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), alpha, b,
             ld(ldb), a, ld(lda), beta, c, ld(ldc));
+}
+
+// A kept buffer at least n long (it never shrinks: a later larger request zero-fills only the new tail).
+template <typename T>
+inline T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
 }
 
 // Compute dtype of a kernel: float for half inputs (float accumulation), else the input dtype.

@@ -147,19 +147,15 @@ struct Geometry {
   bool per_position() const { return !dense && !small_s && !folded; }
 };
 
-// Per-thread scratch kept across calls: a task's buffers (MiBs) cost no page faults or zero fills after
-// the first call. grow() never shrinks, so a later larger request zero-fills only the new tail. Slots
-// below kCallSlots are a task's, in the thread that runs it; from kCallSlots up, a call's own (weights
-// transformed for it, the threads' gradient sums), taken in the calling thread.
+// Per-thread scratch kept across calls (grown by grow(), common.h): a task's buffers (MiBs) cost no page
+// faults or zero fills after the first call. Slots below kCallSlots are a task's, in the thread that runs
+// it; from kCallSlots up, a call's own (weights transformed for it, the threads' gradient sums), taken in
+// the calling thread.
 constexpr int kCallSlots = 16;
 template <typename T, int Slot>
 std::vector<T>& scratch() {
   static thread_local std::vector<T> buf;
   return buf;
-}
-template <typename T>
-inline void grow(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
 // ---- operands of one query chunk [a0, a0 + na); columns (i, p) in y's own order, N = na Sp ----
@@ -533,9 +529,11 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const int64_t npk = packs.size();
   auto& uf = scratch<T, kCallSlots + 1>();  // by Winograd: the flipped Wq transformed
   if (g.wino && dx) winograd_weights<kWino>(wq, g.cin, g.cout, uf, true);
-  std::vector<T> wf(dx && !g.wino ? g.cin * g.cout * g.kq2 : 0);  // else wf[c, (o, u)] = Wq[o, c, kq²-1-u]
+  // The input gradient's im2col and 16-row paths: wf[c, (o, u)] = Wq[o, c, kq²-1-u].
+  const int64_t flipped = dx && !g.wino ? g.cin : 0;
+  std::vector<T> wf(flipped * g.cout * g.kq2);
 #pragma omp parallel for
-  for (int64_t c = 0; c < static_cast<int64_t>(wf.size()) / (g.cout * g.kq2); ++c)
+  for (int64_t c = 0; c < flipped; ++c)
     for (int64_t o = 0; o < g.cout; ++o)
       for (int64_t u = 0; u < g.kq2; ++u) wf[(c * g.cout + o) * g.kq2 + u] = wq[(o * g.cin + c) * g.kq2 + g.kq2 - 1 - u];
   const bool dx16 = dx && !g.wino && use_gemm16<T>(g.cin);  // Cin = 16: the query part of dx by gemm16

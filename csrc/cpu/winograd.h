@@ -30,12 +30,6 @@ struct WinogradF<2> {  // Bᵀ (α x α), G (α x 3), Aᵀ (m x α)
   static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
 
-template <typename T>
-T* grown(std::vector<T>& v, int64_t size) {
-  if (static_cast<int64_t>(v.size()) < size) v.resize(size);
-  return v.data();
-}
-
 // U[ξ, j] = (G g_j Gᵀ)[ξ] for the M C kernels g_j = w[j] (3x3) of w (M, C, 3, 3), into u (α² x M C):
 // separable, G along the kernel's rows then its columns; parallel over blocks of kBlockJ kernels, each
 // written out row by row (U's α² rows lie M C apart: a store per row and kernel thrashed L1). With
@@ -46,7 +40,7 @@ void winograd_weights(const T* w, int64_t m, int64_t c, std::vector<T>& u, bool 
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
   const int64_t mc = m * c;
-  T* out = grown(u, A * A * mc);
+  T* out = grow(u, A * A * mc);
 #pragma omp parallel for schedule(static)
   for (int64_t j0 = 0; j0 < mc; j0 += kBlockJ) {
     const int64_t nj = std::min(kBlockJ, mc - j0);
@@ -106,7 +100,7 @@ void winograd_input(const T* in, int64_t c, int64_t h, int64_t wd, int64_t n, co
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
   const int64_t rowlen = (Mt * tl.tw + 2) * n, N = tl.N;  // a row with a zero column before, 1+ after
-  T* rows = grown(s.rows, A * rowlen);
+  T* rows = grow(s.rows, A * rowlen);
   std::fill(rows, rows + A * rowlen, T(0));
   s.zero.assign(wd * n, T(0));
   for (int64_t ci = 0; ci < c; ++ci)
@@ -141,7 +135,7 @@ void winograd_output(const T* p, int64_t m, int64_t wd, int64_t n, int64_t r0, i
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
   const int64_t N = tl.N;
-  T* sy = grown(s.rows, Mt * A * N);  // sy[R, q, col] = Σ_r Aᵀ[R, r] P[(r, q), o, col]
+  T* sy = grow(s.rows, Mt * A * N);  // sy[R, q, col] = Σ_r Aᵀ[R, r] P[(r, q), o, col]
   for (int64_t o = 0; o < m; ++o) {
     for (int R = 0; R < Mt; ++R)
       for (int q = 0; q < A; ++q) {
@@ -183,8 +177,8 @@ void winograd_conv3x3_rows(const std::vector<T>& u, int64_t m, int64_t c, const 
                            int64_t n, int64_t r0, int64_t r1, T* out, int64_t ld, WinogradScratch<T>& s) {
   constexpr int A2 = WinogradF<Mt>::a * WinogradF<Mt>::a;
   const WinogradTiles tl(Mt, wd, n, r0, r1);
-  T* v = grown(s.v, A2 * c * tl.N);
-  T* p = grown(s.prod, A2 * m * tl.N);
+  T* v = grow(s.v, A2 * c * tl.N);
+  T* p = grow(s.prod, A2 * m * tl.N);
   winograd_input<Mt>(in, c, h, wd, n, tl, v, s);
   for (int xi = 0; xi < A2; ++xi)
     gemm<T>(false, false, m, tl.N, c, T(1), u.data() + xi * m * c, c, v + xi * c * tl.N, tl.N, T(0),
@@ -203,10 +197,10 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
   constexpr int A = F::a, A2 = A * A;
   const WinogradTiles tl(Mt, wd, n, r0, r1);
   const int64_t N = tl.N, rowlen = Mt * tl.tw * n;  // a grad row, zero columns after wd
-  T* v = grown(s.v, A2 * c * N);
-  T* e = grown(s.prod, A2 * m * N);
+  T* v = grow(s.v, A2 * c * N);
+  T* e = grow(s.prod, A2 * m * N);
   winograd_input<Mt>(in, c, h, wd, n, tl, v, s);
-  T* rows = grown(s.rows, A * rowlen);
+  T* rows = grow(s.rows, A * rowlen);
   for (int64_t o = 0; o < m; ++o)
     for (int64_t ty = tl.ty0; ty < tl.ty1; ++ty) {
       const int nr = static_cast<int>(std::min<int64_t>(Mt, r1 - Mt * ty));  // grad rows inside
