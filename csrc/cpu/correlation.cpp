@@ -134,7 +134,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
   constexpr bool same = std::is_same_v<T, O>;
 #pragma omp parallel
   {
-    std::vector<T> buf;
+    std::vector<T> buf, qt;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nb * nl * nblk; ++t) {
       const int64_t bl = t / nblk, blk = t % nblk, b = bl / nl, l = bl % nl;
@@ -151,9 +151,11 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
         buf.resize(r * std::max<int64_t>(k, 1));
         g = buf.data();
       }
-      // g (r x K) = q[:, i0:i0+r]ᵀ Ŝ
+      // g (r x K) = q[:, i0:i0+r]ᵀ Ŝ, with the block of q transposed first (r C values against r C K
+      // products) so that the GEMM takes its operands untransposed (gemm's note)
       const T* q = qs[l].data_ptr<T>() + b * c * nq + i0;
-      if (k > 0) gemm<T>(true, false, r, k, c, T(1), q, nq, p.shat.data(), k, T(0), g, k);
+      transpose(c, r, q, nq, grow(qt, r * c), c);
+      if (k > 0) gemm<T>(false, false, r, k, c, T(1), qt.data(), c, p.shat.data(), k, T(0), g, k);
       for (int64_t i = 0; i < r; ++i) {
         const T iq = p.inv_q[i0 + i];
         T* gi = g + i * k;

@@ -389,14 +389,15 @@ bool use_gemm16(int64_t rows) {
 }
 
 // The main GEMM's weights: Wq (per-position path) or [Wq | Ws] (dense path), Cout x K_main; without
-// Wq when the query part is done otherwise.
+// Wq when the query part is done otherwise. Into a kept buffer (no page faults), rows in parallel.
 template <typename T>
-std::vector<T> main_weights(const Geometry& g, const T* wq, const T* ws, bool with_query) {
+const T* main_weights(const Geometry& g, const T* wq, const T* ws, bool with_query, std::vector<T>& buf) {
   const int64_t qc = with_query ? g.cin * g.kq2 : 0, sc = g.dense ? g.cin * g.ks * g.ks : 0, k = qc + sc;
-  std::vector<T> w(g.cout * k);
+  T* w = grow(buf, g.cout * k);
+#pragma omp parallel for schedule(static)
   for (int64_t o = 0; o < g.cout; ++o) {
-    std::copy(wq + o * qc, wq + (o + 1) * qc, w.begin() + o * k);
-    std::copy(ws + o * sc, ws + (o + 1) * sc, w.begin() + o * k + qc);
+    std::copy(wq + o * qc, wq + (o + 1) * qc, w + o * k);
+    std::copy(ws + o * sc, ws + (o + 1) * sc, w + o * k + qc);
   }
   return w;
 }
@@ -435,7 +436,7 @@ WinogradScratch<T>& winograd_scratch() {
 template <typename T>
 void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* bias, T* y) {
   const bool query_in_main = !g.wino;
-  const auto w = main_weights(g, wq, ws, query_in_main);
+  const T* w = main_weights(g, wq, ws, query_in_main, scratch<T, kCallSlots + 3>());
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
   auto& uq = scratch<T, kCallSlots + 1>();
@@ -475,7 +476,7 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         } else {
           grow(col, k * n);
           main_cols(g, xb, xpb, a0, na, col.data(), query_in_main);
-          gemm<T>(false, false, g.cout, n, k, T(1), w.data(), k, col.data(), n, T(0), yc, ldy);
+          gemm<T>(false, false, g.cout, n, k, T(1), w, k, col.data(), n, T(0), yc, ldy);
           for (int64_t o = 0; o < g.cout; ++o)
             for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
         }
@@ -517,7 +518,7 @@ template <typename T>
 void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const T* dy, T* dx, T* dwq, T* dws,
                    T* db) {
   const bool query_in_main = !g.wino;
-  const auto w = main_weights(g, wq, ws, query_in_main);
+  const T* w = main_weights(g, wq, ws, query_in_main, scratch<T, kCallSlots + 3>());
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
   const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
@@ -527,6 +528,9 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const T* xp = dwq && !dw16 ? pruned_x(g, x, scratch<T, kCallSlots + 2>()) : nullptr;
   const T* xpp = dw16 ? padded_query_dims(g, x, g.cin, true, scratch<T, 7>()) : nullptr;
   const int64_t npk = packs.size();
+  // The dense path's input gradient: Ws transposed (Cin ks² x Cout), the GEMM's operands untransposed.
+  T* wst = g.dense && dx ? grow(scratch<T, kCallSlots + 4>(), g.cin * ks2 * g.cout) : nullptr;
+  if (wst) transpose(g.cout, g.cin * ks2, w + qc, k, wst, g.cout);
   auto& uf = scratch<T, kCallSlots + 1>();  // by Winograd: the flipped Wq transformed
   if (g.wino && dx) winograd_weights<kWino>(wq, g.cin, g.cout, uf, true);
   // The input gradient's im2col and 16-row paths: wf[c, (o, u)] = Wq[o, c, kq²-1-u].
@@ -543,7 +547,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
   // Each thread's gradient sums, in one kept buffer of its own zeroed in the region: the bias's (Cout; of
-  // the dy rows while a task has them in cache) and the weights': the main GEMM's (Cout x K_main),
+  // the dy rows while a task has them in cache) and the weights': the main GEMM's (K_main x Cout: dy's chunk transposed is the GEMM's right operand),
   // Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids' (mb x kb) and each tap
   // set's (Cout x Cin |T|), at these offsets.
   constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
@@ -568,7 +572,6 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
          &dcol = scratch<T, 4>(), &dcolq = scratch<T, 5>(), &dxq = scratch<T, 6>();
     std::vector<T> acc, dyt;
     std::vector<const T*> rows;
-    (void)tmp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < g.nb * g.nchunks; ++task) {
       const int64_t b = task / g.nchunks, a0 = (task % g.nchunks) * g.chunk, na = std::min(g.chunk, g.P - a0);
@@ -599,14 +602,15 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       } else if (dwq && k > 0) {
         grow(col, k * n);
         main_cols(g, xb, xp + b * g.cin * g.P * g.Sp, a0, na, col.data(), query_in_main);
-        gemm<T>(false, true, g.cout, k, n, T(1), dyc, ldy, col.data(), n, T(1), dw, k);
+        transpose(g.cout, n, dyc, ldy, grow(dyt, n * g.cout), g.cout);
+        gemm<T>(false, false, k, g.cout, n, T(1), col.data(), n, dyt.data(), g.cout, T(1), dw, g.cout);
       }
       if (dwq && g.wino)
         winograd_weight_grad_rows<kWino>(dyc, g.cout, xp + b * g.cin * g.P * g.Sp, g.cin, g.ha, g.wa, g.Sp, a0 / g.wa,
                                   (a0 + na) / g.wa, part + off_wino, winograd_scratch<T>());
       if (g.dense && dx) {  // support part, all taps
         grow(dcol, g.cin * ks2 * n);
-        gemm<T>(true, false, g.cin * ks2, n, g.cout, T(1), w.data() + qc, k, dyc, ldy, T(0), dcol.data(), n);
+        gemm<T>(false, false, g.cin * ks2, n, g.cout, T(1), wst, g.cout, dyc, ldy, T(0), dcol.data(), n);
         acc.resize(g.S + 1);  // one dx row and a sink for the padding taps (index S)
         for (int64_t c = 0; c < g.cin; ++c)
           for (int64_t i = 0; i < na; ++i) {
@@ -621,45 +625,59 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
           }
       }
       if (g.small_s) {  // support part, one GEMM over (o, p) x (c, s)
-        grow(dyp, mb * na);
-        for (int64_t o = 0; o < g.cout; ++o)
-          for (int64_t i = 0; i < na; ++i)
-            for (int64_t p = 0; p < g.Sp; ++p) dyp[(o * g.Sp + p) * na + i] = dyc[o * ldy + i * g.Sp + p];
-        if (dwq) {
-          grow(cs, kb * na);
-          support_rows(g, xb, a0, na, cs.data());
-          gemm<T>(false, true, mb, kb, na, T(1), dyp.data(), na, cs.data(), na, T(1), part + off_big, kb);
-        }
-        if (dx) {
-          grow(dcol, kb * na);
-          gemm<T>(true, false, kb, na, mb, T(1), wbig, kb, dyp.data(), na, T(0), dcol.data(), na);
-          for (int64_t c = 0; c < g.cin; ++c) {
-            T* out = dxb + c * g.P * g.S + a0 * g.S;
+        if (dwq) {  // sums (mb x kb) += dyp (mb x na) · xs (na x kb), xs[i, (c, s)] = x[c, a0 + i, s]
+          grow(dyp, mb * na);
+          for (int64_t o = 0; o < g.cout; ++o)
             for (int64_t i = 0; i < na; ++i)
-              for (int64_t s = 0; s < g.S; ++s) out[i * g.S + s] += dcol[(c * g.S + s) * na + i];
-          }
+              for (int64_t p = 0; p < g.Sp; ++p) dyp[(o * g.Sp + p) * na + i] = dyc[o * ldy + i * g.Sp + p];
+          T* xs = grow(cs, na * kb);
+          for (int64_t i = 0; i < na; ++i)
+            for (int64_t c = 0; c < g.cin; ++c)
+              std::copy_n(xb + c * g.P * g.S + (a0 + i) * g.S, g.S, xs + i * kb + c * g.S);
+          gemm<T>(false, false, mb, kb, na, T(1), dyp.data(), na, xs, kb, T(1), part + off_big, kb);
+        }
+        if (dx) {  // dxs (na x kb) = dypt (na x mb) · wbig, dypt[i, (o, p)] = dy[o, a0 + i, p]
+          T* dypt = grow(tmp, na * mb);
+          for (int64_t o = 0; o < g.cout; ++o)
+            for (int64_t i = 0; i < na; ++i)
+              std::copy_n(dyc + o * ldy + i * g.Sp, g.Sp, dypt + i * mb + o * g.Sp);
+          T* dxs = grow(dcol, na * kb);
+          gemm<T>(false, false, na, kb, mb, T(1), dypt, mb, wbig, kb, T(0), dxs, kb);
+          for (int64_t c = 0; c < g.cin; ++c)
+            for (int64_t i = 0; i < na; ++i) {
+              T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
+              const T* in = dxs + i * kb + c * g.S;
+              for (int64_t s = 0; s < g.S; ++s) out[s] += in[s];
+            }
         }
       }
       if (g.per_position()) {  // support part, per p with its valid taps
-        grow(dyp, g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t nt = g.nt(p), kp = g.cin * nt, pk = g.pack_of[p];
-          for (int64_t o = 0; o < g.cout; ++o)
-            for (int64_t i = 0; i < na; ++i) dyp[o * na + i] = dyc[o * ldy + i * g.Sp + p];
-          if (dwq) {
-            grow(cs, kp * na);
-            support_cols_at(g, xb, p, a0, na, cs.data());
-            gemm<T>(false, true, g.cout, kp, na, T(1), dyp.data(), na, cs.data(), na, T(1), part + off_pack[pk], kp);
+          const auto& src = g.src[p];
+          if (dwq) {  // sums (Cout x kp) += dyp (Cout x na) · xt (na x kp), xt[i, (c, ti)] = x[c, a0 + i, src_p(ti)]
+            grow(dyp, g.cout * na);
+            for (int64_t o = 0; o < g.cout; ++o)
+              for (int64_t i = 0; i < na; ++i) dyp[o * na + i] = dyc[o * ldy + i * g.Sp + p];
+            T* xt = grow(cs, na * kp);
+            for (int64_t i = 0; i < na; ++i)
+              for (int64_t c = 0; c < g.cin; ++c) {
+                const T* row = xb + c * g.P * g.S + (a0 + i) * g.S;
+                for (int64_t ti = 0; ti < nt; ++ti) xt[i * kp + c * nt + ti] = row[src[ti]];
+              }
+            gemm<T>(false, false, g.cout, kp, na, T(1), dyp.data(), na, xt, kp, T(1), part + off_pack[pk], kp);
           }
-          if (dx) {
-            grow(dcol, kp * na);
-            gemm<T>(true, false, kp, na, g.cout, T(1), packs[pk].data(), kp, dyp.data(), na, T(0), dcol.data(), na);
-            const auto& src = g.src[p];
-            for (int64_t c = 0; c < g.cin; ++c)
-              for (int64_t ti = 0; ti < nt; ++ti) {
-                T* out = dxb + c * g.P * g.S + a0 * g.S + src[ti];
-                const T* in = dcol.data() + (c * nt + ti) * na;
-                for (int64_t i = 0; i < na; ++i) out[i * g.S] += in[i];
+          if (dx) {  // dxt (na x kp) = dypt (na x Cout) · Ws_p, scattered to the taps' sources
+            T* dypt = grow(tmp, na * g.cout);
+            for (int64_t i = 0; i < na; ++i)
+              for (int64_t o = 0; o < g.cout; ++o) dypt[i * g.cout + o] = dyc[o * ldy + i * g.Sp + p];
+            T* dxt = grow(dcol, na * kp);
+            gemm<T>(false, false, na, kp, g.cout, T(1), dypt, g.cout, packs[pk].data(), kp, T(0), dxt, kp);
+            for (int64_t i = 0; i < na; ++i)
+              for (int64_t c = 0; c < g.cin; ++c) {
+                T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
+                const T* in = dxt + i * kp + c * nt;
+                for (int64_t ti = 0; ti < nt; ++ti) out[src[ti]] += in[ti];
               }
           }
         }
@@ -712,8 +730,8 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
       if (!g.wino) std::fill_n(dq, g.cin * g.kq2, T(0));  // (by Winograd: written by the finish below)
       std::fill_n(ds, g.cin * ks2, T(0));
       for (const T* part : parts) {
-        const T* main = part + off_main + o * k;  // [query | support] columns of the main GEMM
-        auto main_at = [&](int64_t kk) { return main[kk] + (dw16 ? part[off_t16 + kk * 16 + o] : T(0)); };
+        const T* main = part + off_main + o;  // [query | support] rows of the main GEMM's sums (K x Cout)
+        auto main_at = [&](int64_t kk) { return main[kk * g.cout] + (dw16 ? part[off_t16 + kk * 16 + o] : T(0)); };
         for (int64_t j = 0; j < qc; ++j) dq[j] += main_at(j);
         for (int64_t j = 0; g.dense && j < g.cin * ks2; ++j) ds[j] += main_at(qc + j);
         for (int64_t p = 0; g.small_s && p < g.Sp; ++p)
