@@ -124,6 +124,9 @@ struct Geometry {
       chunk = std::min(P, kWino * wa * balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / per_row), per_row));
     } else {  // the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache
       chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)), Sp);
+      // Per-position GEMMs are chunk columns wide: a multiple of 16, the micro-kernel's vector width
+      // (measured: HSNet's l2.1 forward 5% faster at 80 than at 81).
+      if (per_position() && chunk > 16) chunk = chunk / 16 * 16;
     }
     nchunks = (P + chunk - 1) / chunk;
   }
@@ -490,17 +493,22 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
         for (int64_t o = 0; o < g.cout; ++o)
           for (int64_t i = 0; i < na; ++i)
             for (int64_t p = 0; p < g.Sp; ++p) yc[o * ldy + i * g.Sp + p] += tmp[(o * g.Sp + p) * na + i];
-      } else if (g.per_position()) {
-        grow(tmp, g.cout * na);
+      } else if (g.per_position()) {  // each p's GEMM into its slice of tmp, then one pass adds all to y
+        T* sp = grow(tmp, g.Sp * g.cout * na);
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t kp = g.cin * g.nt(p);
           grow(cs, kp * na);
           support_cols_at(g, xb, p, a0, na, cs.data());
           gemm<T>(false, false, g.cout, na, kp, T(1), packs[g.pack_of[p]].data(), kp, cs.data(), na, T(0),
-                  tmp.data(), na);
-          for (int64_t o = 0; o < g.cout; ++o)
-            for (int64_t i = 0; i < na; ++i) yc[o * ldy + i * g.Sp + p] += tmp[o * na + i];
+                  sp + p * g.cout * na, na);
         }
+        const int64_t per_p = g.cout * na;
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t i = 0; i < na; ++i) {
+            T* yr = yc + o * ldy + i * g.Sp;
+            const T* in = sp + o * na + i;
+            for (int64_t p = 0; p < g.Sp; ++p) yr[p] += in[p * per_p];
+          }
       }
       if (g.wino)
         winograd_conv3x3_rows<kWino>(uq, g.cout, g.cin, xpb, g.ha, g.wa, g.Sp, a0 / g.wa, (a0 + na) / g.wa, yc, ldy,
