@@ -60,11 +60,10 @@ void winograd_weights(const T* w, int64_t m, int64_t c, std::vector<T>& u, bool 
   }
 }
 
-// Per-thread buffers of one call: transformed input (α² x C x N), products (α² x M x N), rows and one
-// transposed slice of the input (N x C).
+// Per-thread buffers of one call: transformed input (α² x C x N), products (α² x M x N) and rows.
 template <typename T>
 struct WinogradScratch {
-  std::vector<T> v, prod, rows, zero, vt;
+  std::vector<T> v, prod, rows, zero;
 };
 
 // Tiles of the rows [r0, r1) (r0 a multiple of m): tile rows ty0 .. ty1-1, tw tiles each; N = tiles x n.
@@ -218,11 +217,9 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
         along_x<Mt, A, Mt>(rows + r * rowlen, tl.tw, n, [](int q, int i) { return F::AT[i][q]; },
                            e + (r * A * m + o) * N + col0, m * N);
     }
-  T* vt = grow(s.vt, N * c);  // v's slice transposed: the GEMM's operands untransposed (gemm's note)
-  for (int xi = 0; xi < A2; ++xi) {
-    transpose(c, N, v + xi * c * N, N, vt, c);
-    gemm<T>(false, false, m, c, N, T(1), e + xi * m * N, N, vt, c, T(1), acc + xi * m * c, c);
-  }
+  // (transposed B: MKL here; brgemm wants it untransposed, and transposing v per ξ measured slower)
+  for (int xi = 0; xi < A2; ++xi)
+    gemm<T>(false, true, m, c, N, T(1), e + xi * m * N, N, v + xi * c * N, N, T(1), acc + xi * m * c, c);
 }
 
 // dw[j] = Gᵀ A_j G (3x3 from the α x α A_j) with A = Σ_i accs[i] (α² x M C each, the threads' sums of
