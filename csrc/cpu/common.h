@@ -48,10 +48,12 @@ inline int thread_id() {
 // A is stored (m x k) with row stride lda, or (k x m) when ta; likewise B.
 // Note: float32 calls inside an OpenMP region (the kernels' tasks) with untransposed operands, alpha 1 and
 // beta 0 or 1 run on oneDNN's batch-reduce GEMM micro-kernel through ATen's cpublas::brgemm (JIT-compiled
-// for the CPU, cached per shape; ATen falls back to its own GEMM where the micro-kernel is unavailable):
-// measured 114-116 GFLOP/s on one Zen 4 core against 90-102 for MKL's sgemm on the kernels' shapes. That
-// is why the kernels lay out their operands untransposed. Everything else goes to MKL: multithreaded
-// outside an OpenMP region, sequential inside one.
+// for the CPU, cached per shape; ATen falls back to its own GEMM where the micro-kernel is unavailable).
+// oneDNN's JIT kernels outrun MKL's sgemm on our AVX-512 Zen 4 machine: the benchmarks' roofline line
+// prints both (oneDNN's 3x3 convolution against torch.mm), and a one-off single-core test gave 108-116
+// GFLOP/s for brgemm against 60-102 for sgemm on the kernels' GEMM shapes. That is why the kernels lay
+// out their operands untransposed where the layout costs little. Everything else goes to MKL:
+// multithreaded outside an OpenMP region, sequential inside one.
 template <typename T>
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                  const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
