@@ -122,7 +122,7 @@ struct Geometry {
     if (wino) {  // tasks of tile rows, about 512 GEMM columns (tiles x Sp) per task
       const int64_t per_row = (wa + kWino - 1) / kWino * Sp;
       chunk = std::min(P, kWino * wa * balanced((ha + kWino - 1) / kWino, std::max<int64_t>(1, 512 / per_row), per_row));
-    } else {  // the main operand (K_main x chunk Sp) up to 2 MiB; MKL blocks it for cache
+    } else {  // the main operand (K_main x chunk Sp) up to 2 MiB
       chunk = balanced(P, std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(k_main(true) * Sp, 1)), Sp);
       // Per-position GEMMs are chunk columns wide: a multiple of 16, the micro-kernel's vector width
       // (measured: HSNet's l2.1 forward 5% faster at 80 than at 81).
