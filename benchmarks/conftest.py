@@ -1,8 +1,9 @@
-"""Shared benchmark harness: realistic shapes, the HSNet 4D encoder, GFLOP/s and a GEMM roofline.
+"""Shared benchmark harness: realistic shapes, the HSNet 4D encoder, GFLOP/s and a roofline.
 
 Every kernel is timed beside the reference in the same run, in turn, round by round. At the end,
 a table prints each case's mean time, GFLOP/s, its ratio to the reference and the measured roofline
-of this machine (the best of MKL's GEMM and oneDNN's convolution). Run ``pytest benchmarks --benchmark-only`` (``-k quick`` for the short subset).
+of this machine (the best of MKL's GEMM and oneDNN's convolution). Run
+``pytest benchmarks --benchmark-only`` (``-k quick`` for the short subset).
 """
 from __future__ import annotations
 
@@ -215,19 +216,15 @@ def roofline_parts(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> dict
         if dtype == torch.float32:
             x, w = torch.randn(1, 512, 64, 64), torch.randn(512, 512, 3, 3)
             with torch.no_grad():
-                parts["conv3x3"] = _best_gflops(lambda: F.conv2d(x, w, padding=1), 2 * 512 * 512 * 9 * 64 * 64, repeats)
+                conv_flops = 2 * 512 * 512 * 9 * 64 * 64
+                parts["conv3x3"] = _best_gflops(lambda: F.conv2d(x, w, padding=1), conv_flops, repeats)
         _ROOFLINE[key] = parts
     return _ROOFLINE[key]
 
 
-def gemm_roofline(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> float:
+def roofline(n: int = 2048, dtype=torch.float32, repeats: int = 5) -> float:
     """This machine's practical ceiling: the best of roofline_parts."""
     return max(roofline_parts(n, dtype, repeats).values())
-
-
-@pytest.fixture(scope="session")
-def roofline() -> float:
-    return gemm_roofline()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -236,7 +233,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("tlg kernels beside the reference (same run)")
     tr.write_line(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                  f"torch {torch.__version__}; roofline {gemm_roofline():.1f} GFLOP/s, the best of "
+                  f"torch {torch.__version__}; roofline {roofline():.1f} GFLOP/s, the best of "
                   + ", ".join(f"{k} {v:.1f}" for k, v in roofline_parts().items())
                   + " (torch.mm 2048^2, oneDNN conv 512->512 3x3 on 64^2; fp32)")
     by_case = defaultdict(dict)

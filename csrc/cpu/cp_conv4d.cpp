@@ -555,9 +555,9 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
     for (int64_t r = 0; r < g.cout * g.kq2; ++r) wft[r * 16 + c] = wf[c * g.cout * g.kq2 + r];
   const int nthr = num_threads();
   // Each thread's gradient sums, in one kept buffer of its own zeroed in the region: the bias's (Cout; of
-  // the dy rows while a task has them in cache) and the weights': the main GEMM's (K_main x Cout: dy's chunk transposed is the GEMM's right operand),
-  // Winograd's (α² x Cout x Cin), Cout = 16's (K_main x 16), the small grids' (mb x kb) and each tap
-  // set's (Cout x Cin |T|), at these offsets.
+  // the dy rows while a task has them in cache) and the weights': the main GEMM's (K_main x Cout: the
+  // GEMM's right operand is dy's chunk transposed), Winograd's (α² x Cout x Cin), Cout = 16's
+  // (K_main x 16), the small grids' (mb x kb) and each tap set's (Cout x Cin |T|), at these offsets.
   constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
   const int64_t off_main = db ? g.cout : 0, off_wino = off_main + g.cout * k;
   const int64_t off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0), off_big = off_t16 + (dw16 ? k * 16 : 0);
