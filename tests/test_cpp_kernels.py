@@ -173,6 +173,47 @@ def test_cp_conv4d_winograd_query_path(dtype, cin, cout, stride, sizes):
         torch.testing.assert_close(a, r, **scale)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def cpu_threads(request):
+    """The float32 GEMMs inside the kernels' parallel tasks run on oneDNN's micro-kernel (csrc/cpu/common.h)
+    when the region has several threads, on MKL with one: each test using this runs under both."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cin,cout,kq,ks,stride,sizes", [
+    (16, 32, 3, 3, 2, (7, 7, 4, 4)),     # dense support taps (small query grid)
+    (8, 24, 5, 5, 4, (9, 8, 13, 13)),    # per-position support GEMMs, im2col query part
+    (16, 32, 3, 3, 1, (12, 12, 2, 2)),   # small support grid, Winograd query part
+    (16, 32, 3, 3, 2, (12, 12, 7, 7)),   # per-position with Winograd
+])
+def test_cp_conv4d_float32_gemm_engines(cpu_threads, cin, cout, kq, ks, stride, sizes):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cin, *sizes, generator=g)
+    wq, ws = torch.randn(cout, cin, kq, kq, generator=g), torch.randn(cout, cin, ks, ks, generator=g)
+    bq, bs = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+
+    def fn(x, wq, bq, ws, bs, backend):
+        return ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
+
+    out, grads, gy = _fwd_bwd(fn, [x, wq, bq, ws, bs], "cpp")
+    ref, ref_grads, _ = _fwd_bwd_with(fn, [t.double() for t in (x, wq, bq, ws, bs)], gy.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-3)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r.float(), rtol=1e-4, atol=1e-3)
+
+
+def test_correlation_float32_gemm_engines(cpu_threads):
+    q, s = torch.randn(2, 40, 9, 11), torch.randn(2, 40, 13, 7)
+    m = _mask("box", 2, 13, 7, torch.float32)
+    for mask in (None, m):
+        out = ops.correlation(q, s, mask, backend="cpp")
+        ref = R.correlation(q.double(), s.double(), None if mask is None else mask.double())
+        torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_cp_conv4d_partial_grads_and_no_bias():
     x = torch.randn(1, 2, 4, 4, 5, 5, dtype=torch.float64)
     wq = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
