@@ -128,7 +128,12 @@ def test_cp_conv4d_matches_reference(dtype, kq, ks, stride, sizes):
 def test_cp_conv4d_sixteen_channels(cin, cout, kq, ks, stride, sizes):
     """In float32, Cout = 16 takes the register-blocked kernel (where AVX-512 is available) for the main
     GEMM, Cin = 16 for the query part of grad_x; column counts are not multiples of 16."""
-    g = torch.Generator().manual_seed(1)
+    _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed=1)
+
+
+def _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed):
+    """cp_conv4d's float32 output and gradients (backend cpp) against the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, cin, *sizes, generator=g)
     wq, ws = torch.randn(cout, cin, kq, kq, generator=g), torch.randn(cout, cin, ks, ks, generator=g)
     bq, bs = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
@@ -190,19 +195,7 @@ def cpu_threads(request):
     (16, 32, 3, 3, 2, (12, 12, 7, 7)),   # per-position with Winograd
 ])
 def test_cp_conv4d_float32_gemm_engines(cpu_threads, cin, cout, kq, ks, stride, sizes):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, cin, *sizes, generator=g)
-    wq, ws = torch.randn(cout, cin, kq, kq, generator=g), torch.randn(cout, cin, ks, ks, generator=g)
-    bq, bs = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
-
-    def fn(x, wq, bq, ws, bs, backend):
-        return ops.cp_conv4d(x, wq, bq, ws, bs, stride, backend=backend)
-
-    out, grads, gy = _fwd_bwd(fn, [x, wq, bq, ws, bs], "cpp")
-    ref, ref_grads, _ = _fwd_bwd_with(fn, [t.double() for t in (x, wq, bq, ws, bs)], gy.double())
-    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-3)
-    for a, r in zip(grads, ref_grads):
-        torch.testing.assert_close(a, r.float(), rtol=1e-4, atol=1e-3)
+    _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed=3)
 
 
 def test_correlation_float32_gemm_engines(cpu_threads):
