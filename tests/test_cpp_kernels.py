@@ -193,6 +193,10 @@ def cpu_threads(request):
     (8, 24, 5, 5, 4, (9, 8, 13, 13)),    # per-position support GEMMs, im2col query part
     (16, 32, 3, 3, 1, (12, 12, 2, 2)),   # small support grid, Winograd query part
     (16, 32, 3, 3, 2, (12, 12, 7, 7)),   # per-position with Winograd
+    # Winograd on 2x2 (kept) support grids, odd query sizes: the AVX-512 transforms for 4 support
+    # positions (csrc/cpu/winograd.h) with partial tiles at the last row and column
+    (16, 32, 3, 3, 1, (17, 15, 2, 2)),
+    (16, 32, 3, 3, 2, (15, 17, 4, 3)),
 ])
 def test_cp_conv4d_float32_gemm_engines(cpu_threads, cin, cout, kq, ks, stride, sizes):
     _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed=3)

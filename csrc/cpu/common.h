@@ -89,6 +89,21 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* 
     }
 }
 
+// The AVX-512 kernels (functions with target("avx512f")) run where the CPU has it, chosen at run time.
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+// Σ x[0 .. n) in vector partial sums: a single running sum would be one chain of dependent adds.
+template <typename T>
+inline T sum_of(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
+}
+
 // A kept buffer at least n long (it never shrinks: a later larger request zero-fills only the new tail).
 template <typename T>
 inline T* grow(std::vector<T>& v, int64_t n) {

@@ -15,6 +15,8 @@
 
 #include "common.h"
 
+#include <immintrin.h>
+
 #include <vector>
 
 namespace tlg_cpu {
@@ -91,6 +93,101 @@ void along_x(const T* t, int64_t tw, int64_t n, Coef coef, T* out, int64_t os) {
     }
 }
 
+// ---- F(2x2, 3x3) with n = 4 (every Winograd layer of HSNet: 2x2 support grids), AVX-512 ----
+// One 16-float vector holds 4 grid columns x 4 support positions: its 128-bit quarters are columns, so
+// a transform along y is 4 vector adds over 4 rows and one along x is quarter shuffles and adds. The
+// generic code's along-x step runs on n = 4 scalars; these are chosen at run time (has_avx512).
+namespace wino4 {
+
+// The quarters (q0, q1, q2, q3) of v (each a quarter index of v).
+template <int Q0, int Q1, int Q2, int Q3>
+__attribute__((target("avx512f"))) inline __m512 quarters(__m512 v) {
+  return _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(Q3, Q2, Q1, Q0));
+}
+
+// Stores the quarter ξ of v at out + ξ os (ξ = 0..3).
+__attribute__((target("avx512f"))) inline void store_quarters(__m512 v, float* out, int64_t os) {
+  _mm_storeu_ps(out, _mm512_castps512_ps128(v));
+  _mm_storeu_ps(out + os, _mm512_extractf32x4_ps(v, 1));
+  _mm_storeu_ps(out + 2 * os, _mm512_extractf32x4_ps(v, 2));
+  _mm_storeu_ps(out + 3 * os, _mm512_extractf32x4_ps(v, 3));
+}
+
+// Bᵀ (c0, c1, c2, c3) by quarters: (c0 - c2, c1 + c2, c2 - c1, c1 - c3).
+__attribute__((target("avx512f"))) inline __m512 bt_quarters(__m512 t) {
+  const __m512 x = quarters<0, 1, 2, 1>(t), y = quarters<2, 2, 1, 3>(t);
+  return _mm512_mask_add_ps(_mm512_sub_ps(x, y), 0x00F0, x, y);
+}
+
+// The input transform of one tile row of one channel: d[r] is grid row 2 ty - 1 + r (nullptr outside
+// the grid, read as zeros), v[ξ xs + 4 tx + j] = (Bᵀ d B)[ξ] of tile tx.
+__attribute__((target("avx512f"))) inline void input_row(const float* const d[4], int64_t wd, int64_t tw, float* v,
+                                                         int64_t xs) {
+  for (int64_t tx = 0; tx < tw; ++tx) {
+    const int64_t x0 = 2 * tx - 1;  // the patch's columns x0 .. x0 + 3, zero outside 0 .. wd - 1
+    unsigned bits = 0;
+    for (int k = 0; k < 4; ++k)
+      if (x0 + k >= 0 && x0 + k < wd) bits |= 0xFu << (4 * k);
+    const __mmask16 mask = static_cast<__mmask16>(bits);
+    __m512 r[4];
+    for (int i = 0; i < 4; ++i)  // (masked lanes are not read: no fault before column 0)
+      r[i] = d[i] ? _mm512_maskz_loadu_ps(mask, d[i] + 4 * x0) : _mm512_setzero_ps();
+    const __m512 t[4] = {_mm512_sub_ps(r[0], r[2]), _mm512_add_ps(r[1], r[2]), _mm512_sub_ps(r[2], r[1]),
+                         _mm512_sub_ps(r[1], r[3])};
+    for (int i = 0; i < 4; ++i) store_quarters(bt_quarters(t[i]), v + 4 * i * xs + 4 * tx, xs);
+  }
+}
+
+// The output transform of one tile row of one output channel: P[ξ] at p + ξ ps + 4 tx, added to the
+// rows (`rows` of them: 1 at the grid's last odd row) at y (row stride 4 wd) as Aᵀ P A.
+__attribute__((target("avx512f"))) inline void output_row(const float* p, int64_t ps, int64_t wd, int64_t tw, int rows,
+                                                          float* y) {
+  for (int64_t tx = 0; tx < tw; ++tx) {
+    __m512 pr[4];  // row r of the tile's P: quarters P[r, 0..3]
+    for (int r = 0; r < 4; ++r) {
+      const float* q = p + 4 * r * ps + 4 * tx;
+      __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(q));
+      v = _mm512_insertf32x4(v, _mm_loadu_ps(q + ps), 1);
+      v = _mm512_insertf32x4(v, _mm_loadu_ps(q + 2 * ps), 2);
+      pr[r] = _mm512_insertf32x4(v, _mm_loadu_ps(q + 3 * ps), 3);
+    }
+    const __m512 s[2] = {_mm512_add_ps(_mm512_add_ps(pr[0], pr[1]), pr[2]),  // Aᵀ along y
+                         _mm512_sub_ps(_mm512_sub_ps(pr[1], pr[2]), pr[3])};
+    const __mmask16 mask = 2 * tx + 1 < wd ? 0x00FF : 0x000F;  // columns 2 tx, 2 tx + 1 inside
+    for (int R = 0; R < rows; ++R) {  // along x: (q0 + q1 + q2, q1 - q2 - q3) in quarters 0, 1
+      const __m512 b = quarters<1, 2, 1, 2>(s[R]), c = quarters<2, 3, 2, 3>(s[R]);
+      __m512 o = _mm512_mask_sub_ps(_mm512_add_ps(s[R], b), 0x00F0, s[R], b);
+      o = _mm512_mask_sub_ps(_mm512_add_ps(o, c), 0x00F0, o, c);
+      float* out = y + R * 4 * wd + 8 * tx;
+      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), o));
+    }
+  }
+}
+
+// The weight gradient's transform of one tile row of one output channel's gradient g (rows g, g + 4 wd;
+// `rows` of them inside, zeros beyond): e[ξ es + 4 tx + j] = (A g Aᵀ)[ξ] of tile tx.
+__attribute__((target("avx512f"))) inline void grad_row(const float* g, int rows, int64_t wd, int64_t tw, float* e,
+                                                        int64_t es) {
+  for (int64_t tx = 0; tx < tw; ++tx) {
+    const __mmask16 mask = 2 * tx + 1 < wd ? 0x00FF : 0x000F;
+    const __m512 g0 = _mm512_maskz_loadu_ps(mask, g + 8 * tx);
+    const __m512 g1 = rows > 1 ? _mm512_maskz_loadu_ps(mask, g + 4 * wd + 8 * tx) : _mm512_setzero_ps();
+    const __m512 t[4] = {g0, _mm512_add_ps(g0, g1), _mm512_sub_ps(g0, g1), _mm512_sub_ps(_mm512_setzero_ps(), g1)};
+    for (int i = 0; i < 4; ++i) {  // along x: (c0, c0 + c1, c0 - c1, -c1)
+      const __m512 a = _mm512_maskz_shuffle_f32x4(0x0FFF, t[i], t[i], 0), b = _mm512_maskz_shuffle_f32x4(0xFFF0, t[i], t[i], 0x55);
+      store_quarters(_mm512_mask_sub_ps(_mm512_add_ps(a, b), 0xFF00, a, b), e + 4 * i * es + 4 * tx, es);
+    }
+  }
+}
+
+}  // namespace wino4
+
+// Whether the n = 4 AVX-512 transforms apply.
+template <int Mt, typename T>
+bool use_wino4(int64_t n) {
+  return Mt == 2 && n == 4 && std::is_same<T, float>::value && has_avx512();
+}
+
 // v[ξ, ci, (tile, j)] = (Bᵀ d B)[ξ], d the α x α patch of `in` (C, h wd, n) at each tile, zeros outside.
 // Separable: along y on whole grid rows (wd n contiguous values), then along x on the α columns of
 // each tile (n values each).
@@ -99,6 +196,20 @@ void winograd_input(const T* in, int64_t c, int64_t h, int64_t wd, int64_t n, co
                     WinogradScratch<T>& s) {
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
+  if constexpr (std::is_same<T, float>::value) {
+    if (use_wino4<Mt, T>(n)) {
+      for (int64_t ci = 0; ci < c; ++ci)
+        for (int64_t ty = tl.ty0; ty < tl.ty1; ++ty) {
+          const float* d[4];
+          for (int r = 0; r < 4; ++r) {
+            const int64_t y = 2 * ty - 1 + r;
+            d[r] = (y >= 0 && y < h) ? in + (ci * h + y) * wd * 4 : nullptr;
+          }
+          wino4::input_row(d, wd, tl.tw, v + ci * tl.N + (ty - tl.ty0) * tl.tw * 4, c * tl.N);
+        }
+      return;
+    }
+  }
   const int64_t rowlen = (Mt * tl.tw + 2) * n, N = tl.N;  // a row with a zero column before, 1+ after
   T* rows = grow(s.rows, A * rowlen);
   std::fill(rows, rows + A * rowlen, T(0));
@@ -135,6 +246,15 @@ void winograd_output(const T* p, int64_t m, int64_t wd, int64_t n, int64_t r0, i
   using F = WinogradF<Mt>;
   constexpr int A = F::a;
   const int64_t N = tl.N;
+  if constexpr (std::is_same<T, float>::value) {
+    if (use_wino4<Mt, T>(n)) {
+      for (int64_t o = 0; o < m; ++o)
+        for (int64_t ty = tl.ty0; ty < tl.ty1; ++ty)
+          wino4::output_row(p + o * N + (ty - tl.ty0) * tl.tw * 4, m * N, wd, tl.tw,
+                            static_cast<int>(std::min<int64_t>(2, r1 - 2 * ty)), out + o * ld + (2 * ty - r0) * wd * 4);
+      return;
+    }
+  }
   T* sy = grow(s.rows, Mt * A * N);  // sy[R, q, col] = Σ_r Aᵀ[R, r] P[(r, q), o, col]
   for (int64_t o = 0; o < m; ++o) {
     for (int R = 0; R < Mt; ++R)
@@ -200,11 +320,17 @@ void winograd_weight_grad_rows(const T* grad, int64_t m, const T* in, int64_t c,
   T* v = grow(s.v, A2 * c * N);
   T* e = grow(s.prod, A2 * m * N);
   winograd_input<Mt>(in, c, h, wd, n, tl, v, s);
-  T* rows = grow(s.rows, A * rowlen);
+  T* rows = use_wino4<Mt, T>(n) ? nullptr : grow(s.rows, A * rowlen);
   for (int64_t o = 0; o < m; ++o)
     for (int64_t ty = tl.ty0; ty < tl.ty1; ++ty) {
       const int nr = static_cast<int>(std::min<int64_t>(Mt, r1 - Mt * ty));  // grad rows inside
       const T* g = grad + o * h * wd * n + (Mt * ty - r0) * wd * n;
+      if constexpr (std::is_same<T, float>::value) {
+        if (use_wino4<Mt, T>(n)) {
+          wino4::grad_row(g, nr, wd, tl.tw, e + o * N + (ty - tl.ty0) * tl.tw * 4, m * N);
+          continue;
+        }
+      }
       for (int r = 0; r < A; ++r) {  // along y: row r = Σ_R Aᵀ[R, r] g_R
         T* t = rows + r * rowlen;
         std::fill(t, t + rowlen, T(0));
