@@ -94,7 +94,7 @@ def test_multilayer_correlation_stack(masked):
 # ------------------------------------------------------------------------------ center-pivot conv
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kq,ks,stride,sizes", [
-    (3, 3, 1, (5, 6, 2, 2)),     # HSNet mixing: most support taps read padding
+    (3, 3, 1, (5, 6, 2, 2)),     # HSNet mixing (2x2 grid): the support part by 3-multiply Toeplitz products
     (3, 5, 2, (7, 5, 13, 9)),
     (5, 3, 4, (6, 7, 13, 13)),
     (5, 5, 4, (4, 5, 25, 11)),   # large support grids take the dense path (one GEMM over all p)
@@ -191,7 +191,7 @@ def cpu_threads(request):
 @pytest.mark.parametrize("cin,cout,kq,ks,stride,sizes", [
     (16, 32, 3, 3, 2, (7, 7, 4, 4)),     # dense support taps (small query grid)
     (8, 24, 5, 5, 4, (9, 8, 13, 13)),    # per-position support GEMMs, im2col query part
-    (16, 32, 3, 3, 1, (12, 12, 2, 2)),   # small support grid, Winograd query part
+    (16, 32, 3, 3, 1, (12, 12, 2, 2)),   # 2x2 support grid (AVX-512 Toeplitz transforms), Winograd query part
     (16, 32, 3, 3, 2, (12, 12, 7, 7)),   # per-position with Winograd
     # Winograd on 2x2 (kept) support grids, odd query sizes: the AVX-512 transforms for 4 support
     # positions (csrc/cpu/winograd.h) with partial tiles at the last row and column
@@ -383,6 +383,8 @@ def test_gradcheck_tiny():
     bq, bs = (torch.randn(2, dtype=d, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda *t: ops.cp_conv4d(*t, 2, backend="cpp"), (x, wq, bq, ws, bs))
     x = torch.randn(1, 2, 3, 2, 5, 5, dtype=d, requires_grad=True)  # dense path
+    assert torch.autograd.gradcheck(lambda *t: ops.cp_conv4d(*t, 1, backend="cpp"), (x, wq, bq, ws, bs))
+    x = torch.randn(1, 2, 3, 2, 2, 2, dtype=d, requires_grad=True)  # 2x2 grid: 3-multiply Toeplitz products
     assert torch.autograd.gradcheck(lambda *t: ops.cp_conv4d(*t, 1, backend="cpp"), (x, wq, bq, ws, bs))
     x = torch.randn(2, 4, 3, 2, 2, 2, dtype=d, requires_grad=True)
     gw, gb = torch.randn(4, dtype=d, requires_grad=True), torch.randn(4, dtype=d, requires_grad=True)

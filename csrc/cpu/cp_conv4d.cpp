@@ -16,7 +16,8 @@
 //    (zeros where a tap reads padding);
 //  * per-position path otherwise: the main GEMM has the query taps only, and each p adds a GEMM over
 //    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it
-//    (HSNet's mixing blocks on 2x2 grids);
+//    with 3x3 support kernels at stride 1 on 2x2 grids (HSNet's mixing blocks), by the 3-multiply
+//    Toeplitz products of grid2_* below: 9 GEMMs of Cout x Cin where (o, p) x (c, s) has 16;
 //  * 3x3 query kernels with enough channels and columns (HSNet's 64->128 and mixing layers at 400 px):
 //    the query part by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main
 //    GEMM (winograd.h), in the forward and in both gradients;
@@ -56,6 +57,7 @@ struct Geometry {
   bool folded;            // a 1x1 support grid: the support part is folded into Wq (folded_query_weights)
   bool dense;             // few support taps read padding: they join the main GEMM (else per-p GEMMs)
   bool small_s;           // not dense, small support grid: one GEMM over (o, p) x (c, s) for the support part
+  bool grid2;             // a 2x2 support grid, 3x3 support kernel, stride 1: the support part by grid2_*
   bool wino;              // query part by Winograd; tasks are whole tile rows (kWino query rows)
   int64_t chunk, nchunks;  // query positions per task
 
@@ -96,7 +98,8 @@ struct Geometry {
     dense = !folded && (cout == 16 ? 2 * valid >= all_taps : 4 * valid >= 3 * all_taps);
     // Per-position support GEMMs merged into one whose weights are zero where s is no tap source of p;
     // worth it while at most 1/3 of that GEMM's products are such zeros (HSNet's 2x2 grids: none).
-    small_s = !dense && !folded && 2 * S * Sp <= 3 * valid;
+    grid2 = hb == 2 && wb == 2 && ks == 3 && s == 1;
+    small_s = !dense && !folded && !grid2 && 2 * S * Sp <= 3 * valid;
     sidx.assign(ks * ks * Sp, 0);
     for (int64_t t = 0; t < ks * ks; ++t)
       for (int64_t py = 0; py < hp; ++py)
@@ -149,7 +152,7 @@ struct Geometry {
   int64_t k_main(bool with_query) const { return cin * ((with_query ? kq2 : 0) + (dense ? ks * ks : 0)); }
   int64_t nt(int64_t p) const { return taps[pack_of[p]].size(); }
   // The support part as one GEMM per output position p over its own valid taps.
-  bool per_position() const { return !dense && !small_s && !folded; }
+  bool per_position() const { return !dense && !small_s && !folded && !grid2; }
 };
 
 // Per-thread scratch kept across calls (grown by grow(), common.h): a task's buffers (MiBs) cost no page
@@ -239,6 +242,180 @@ const T* big_weights(const Geometry& g, const T* ws, std::vector<T>& buf) {
       }
   }
   return w;
+}
+
+// ---- The support part on 2x2 grids with 3x3 kernels at stride 1 (Geometry::grid2) ----
+// Along one support dim it is a Toeplitz product, y0 = w1 x0 + w2 x1 and y1 = w0 x0 + w1 x1, which
+// takes 3 multiplies instead of 4 (Winograd's minimal filtering for 2 outputs, Lavin & Gray 2016):
+// y = Aᵀ [(G w) ⊙ (B x)] with G w = (w1, w2 - w1, w0 - w1), B x = (x0 + x1, x1, x0) and
+// Aᵀ m = (m0 + m1, m0 + m2). Over both dims (ξ in 3 x 3): one GEMM of Cout x Cin per ξ, 9 in all where
+// the (o, p) x (c, s) GEMM has 16 blocks of that size. The gradients, per dim: dx = Bᵀ [(G w) ⊙ (A dy)]
+// and dw = Gᵀ Σ_a (A dy) ⊙ (B x), the sum over query positions one GEMM per ξ.
+struct Grid2 {
+  static constexpr int B[3][2] = {{1, 1}, {0, 1}, {1, 0}};              // x (2 values) -> ξ
+  static constexpr int A[3][2] = {{1, 1}, {1, 0}, {0, 1}};              // dy -> ξ (A = (Aᵀ)ᵀ)
+  static constexpr int AT[2][3] = {{1, 1, 0}, {1, 0, 1}};               // ξ -> y
+  static constexpr int BT[2][3] = {{1, 0, 1}, {1, 1, 0}};               // ξ -> dx
+  static constexpr int G[3][3] = {{0, 1, 0}, {0, -1, 1}, {1, -1, 0}};   // w (3 taps) -> ξ
+};
+
+// AVX-512 float versions of grid2_in and grid2_out for 16 positions at a time: their 64 grid values
+// (position-major) de-interleaved into one vector per grid point, and back. `n` (1 .. 16) positions.
+namespace grid2_avx512 {
+
+__attribute__((target("avx512f"))) inline void load4(const float* v, int64_t n, __m512 x[4]) {
+  __m512 q[4];
+  for (int k = 0; k < 4; ++k) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, 4 * n - 16 * k));
+    q[k] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1), v + 16 * k);
+  }
+  const __m512i even = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i odd = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+  // t0: grid points 0, 1 of positions 0..7; t1: points 2, 3; t2, t3: the same for positions 8..15
+  const __m512 t0 = _mm512_permutex2var_ps(q[0], even, q[1]), t1 = _mm512_permutex2var_ps(q[0], odd, q[1]);
+  const __m512 t2 = _mm512_permutex2var_ps(q[2], even, q[3]), t3 = _mm512_permutex2var_ps(q[2], odd, q[3]);
+  x[0] = _mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  x[1] = _mm512_shuffle_f32x4(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  x[2] = _mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  x[3] = _mm512_shuffle_f32x4(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+
+__attribute__((target("avx512f"))) inline void add4(const __m512 x[4], int64_t n, float* v) {
+  const __m512 t0 = _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0));  // positions 0..7 of points 0, 1
+  const __m512 t2 = _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2));  // positions 8..15
+  const __m512 t1 = _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 t3 = _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i lo = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+  const __m512i hi = _mm512_setr_epi32(4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31);
+  const __m512 q[4] = {_mm512_permutex2var_ps(t0, lo, t1), _mm512_permutex2var_ps(t0, hi, t1),
+                       _mm512_permutex2var_ps(t2, lo, t3), _mm512_permutex2var_ps(t2, hi, t3)};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, 4 * n - 16 * k));
+    const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1);
+    _mm512_mask_storeu_ps(v + 16 * k, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, v + 16 * k), q[k]));
+  }
+}
+
+// The sum of the terms of `row` with coefficient 1 (Grid2's matrices have 0 and 1 only, and G).
+template <int N>
+__attribute__((target("avx512f"))) inline __m512 ones(const int (&row)[N], const __m512* v) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int i = 0; i < N; ++i)
+    if (row[i]) acc = _mm512_add_ps(acc, v[i]);
+  return acc;
+}
+
+__attribute__((target("avx512f"))) void in(const float* from, int64_t fs, int64_t rows, int64_t na,
+                                            const int (&m)[3][2], float* to, int64_t xs) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < na; i += 16) {
+      const int64_t n = std::min<int64_t>(16, na - i);
+      __m512 x[4], h[2][3];
+      load4(from + r * fs + 4 * i, n, x);
+      for (int y = 0; y < 2; ++y)
+        for (int u = 0; u < 3; ++u) h[y][u] = ones(m[u], x + 2 * y);
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      for (int u = 0; u < 3; ++u)
+        for (int w = 0; w < 3; ++w) {
+          const __m512 hw[2] = {h[0][w], h[1][w]};
+          _mm512_mask_storeu_ps(to + (3 * u + w) * xs + r * na + i, mask, ones(m[u], hw));
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) void out(const float* from, int64_t xs, int64_t rows, int64_t na,
+                                             const int (&m)[2][3], float* to, int64_t ts) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < na; i += 16) {
+      const int64_t n = std::min<int64_t>(16, na - i);
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      __m512 h[2][3];  // along x: h[x][u] = Σ_w m[x][w] P[u, w]
+      for (int u = 0; u < 3; ++u) {
+        __m512 p[3];
+        for (int w = 0; w < 3; ++w) p[w] = _mm512_maskz_loadu_ps(mask, from + (3 * u + w) * xs + r * na + i);
+        for (int x = 0; x < 2; ++x) h[x][u] = ones(m[x], p);
+      }
+      __m512 o[4];
+      for (int y = 0; y < 2; ++y)
+        for (int x = 0; x < 2; ++x) o[2 * y + x] = ones(m[y], h[x]);
+      add4(o, n, to + r * ts + 4 * i);
+    }
+}
+
+}  // namespace grid2_avx512
+
+// to[ξ xs + r na + i] = (M v M')[ξ], ξ = 3 u + v', of the 2x2 grid values v = from[r fs + 4 i + (0..3)]
+// (M = Grid2::B or Grid2::A, 3 x 2), for `rows` rows of na positions.
+template <typename T>
+void grid2_in(const T* from, int64_t fs, int64_t rows, int64_t na, const int (&m)[3][2], T* to, int64_t xs) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (has_avx512()) return grid2_avx512::in(from, fs, rows, na, m, to, xs);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* f = from + r * fs;
+    T* t = to + r * na;
+    for (int64_t i = 0; i < na; ++i) {
+      const T* v = f + 4 * i;
+      T h[2][3];  // along x
+      for (int y = 0; y < 2; ++y)
+        for (int u = 0; u < 3; ++u) h[y][u] = T(m[u][0]) * v[2 * y] + T(m[u][1]) * v[2 * y + 1];
+      for (int u = 0; u < 3; ++u)  // along y
+        for (int w = 0; w < 3; ++w) t[(3 * u + w) * xs + i] = T(m[u][0]) * h[0][w] + T(m[u][1]) * h[1][w];
+    }
+  }
+}
+
+// to[r ts + 4 i + (y, x)] += (M P M')[y, x] of P[ξ] = from[ξ xs + r na + i] (M = Grid2::AT or Grid2::BT, 2 x 3).
+template <typename T>
+void grid2_out(const T* from, int64_t xs, int64_t rows, int64_t na, const int (&m)[2][3], T* to, int64_t ts) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (has_avx512()) return grid2_avx512::out(from, xs, rows, na, m, to, ts);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* f = from + r * na;
+    T* t = to + r * ts;
+    for (int64_t i = 0; i < na; ++i) {
+      T h[3][2];  // along x
+      for (int u = 0; u < 3; ++u)
+        for (int x = 0; x < 2; ++x) {
+          T acc = 0;
+          for (int w = 0; w < 3; ++w)
+            if (m[x][w]) acc += T(m[x][w]) * f[(3 * u + w) * xs + i];
+          h[u][x] = acc;
+        }
+      for (int y = 0; y < 2; ++y)  // along y
+        for (int x = 0; x < 2; ++x) {
+          T acc = 0;
+          for (int u = 0; u < 3; ++u)
+            if (m[y][u]) acc += T(m[y][u]) * h[u][x];
+          t[4 * i + 2 * y + x] += acc;
+        }
+    }
+  }
+}
+
+// U[ξ] = (G w G')[ξ] of each support kernel w = ws[o, c] (3x3): u (9 x Cout x Cin) and, when asked, ut
+// (9 x Cin x Cout, for the input gradient), into kept buffers.
+template <typename T>
+void grid2_weights(const Geometry& g, const T* ws, std::vector<T>& u, std::vector<T>* ut) {
+  const int64_t co = g.cout, ci = g.cin;
+  T* uo = grow(u, 9 * co * ci);
+  T* to = ut ? grow(*ut, 9 * co * ci) : nullptr;
+#pragma omp parallel for
+  for (int64_t o = 0; o < co; ++o)
+    for (int64_t c = 0; c < ci; ++c) {
+      const T* w = ws + (o * ci + c) * 9;
+      T h[3][3];  // along x: h[ky][v] = Σ_kx G[v][kx] w[ky, kx]
+      for (int ky = 0; ky < 3; ++ky)
+        for (int v = 0; v < 3; ++v)
+          h[ky][v] = T(Grid2::G[v][0]) * w[3 * ky] + T(Grid2::G[v][1]) * w[3 * ky + 1] + T(Grid2::G[v][2]) * w[3 * ky + 2];
+      for (int u0 = 0; u0 < 3; ++u0)
+        for (int v = 0; v < 3; ++v) {
+          const T val = T(Grid2::G[u0][0]) * h[0][v] + T(Grid2::G[u0][1]) * h[1][v] + T(Grid2::G[u0][2]) * h[2][v];
+          uo[((3 * u0 + v) * co + o) * ci + c] = val;
+          if (to) to[((3 * u0 + v) * ci + c) * co + o] = val;
+        }
+    }
 }
 
 // Pruned x (nb, Cin, P, Sp): xp[.., a, p] = x[.., a, s_p]; x itself when nothing is pruned.
@@ -439,6 +616,8 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
   const T* w = main_weights(g, wq, ws, query_in_main, scratch<T, kCallSlots + 3>());
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
+  if (g.grid2) grid2_weights(g, ws, scratch<T, kCallSlots>(), static_cast<std::vector<T>*>(nullptr));
+  const T* u2 = scratch<T, kCallSlots>().data();
   auto& uq = scratch<T, kCallSlots + 1>();
   if (g.wino) winograd_weights<kWino>(wq, g.cout, g.cin, uq);
   const int64_t k = g.k_main(query_in_main), ldy = g.P * g.Sp;
@@ -481,7 +660,15 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
             for (int64_t j = 0; j < n; ++j) yc[o * ldy + j] += bias[o];
         }
       }
-      if (g.small_s) {  // tmp[(o, p), i] = wbig xs, added to y[o, a0 + i, p]
+      if (g.grid2) {  // per ξ: m[ξ] = U[ξ] (B x)[ξ], y += Aᵀ m A
+        T* xt = grow(cs, 9 * g.cin * na);
+        T* m = grow(tmp, 9 * g.cout * na);
+        grid2_in(xb + a0 * 4, g.P * 4, g.cin, na, Grid2::B, xt, g.cin * na);
+        for (int xi = 0; xi < 9; ++xi)
+          gemm<T>(false, false, g.cout, na, g.cin, T(1), u2 + xi * g.cout * g.cin, g.cin, xt + xi * g.cin * na, na, T(0),
+                  m + xi * g.cout * na, na);
+        grid2_out(m, g.cout * na, g.cout, na, Grid2::AT, yc, ldy);
+      } else if (g.small_s) {  // tmp[(o, p), i] = wbig xs, added to y[o, a0 + i, p]
         const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
         grow(cs, kb * na);
         grow(tmp, mb * na);
@@ -526,6 +713,8 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   const T* w = main_weights(g, wq, ws, query_in_main, scratch<T, kCallSlots + 3>());
   const auto packs = g.per_position() ? tap_weights(g, ws) : std::vector<std::vector<T>>();
   const T* wbig = g.small_s ? big_weights(g, ws, scratch<T, kCallSlots>()) : nullptr;
+  if (g.grid2 && dx) grid2_weights(g, ws, scratch<T, kCallSlots>(), &scratch<T, kCallSlots + 5>());
+  const T* u2t = scratch<T, kCallSlots + 5>().data();
   const int64_t ks2 = g.ks * g.ks, ldy = g.P * g.Sp;
   const int64_t qc = query_in_main ? g.cin * g.kq2 : 0, k = g.k_main(query_in_main);  // main GEMM: [query | support]
   const int64_t kb = g.cin * g.S, mb = g.cout * g.Sp;
@@ -558,7 +747,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
   constexpr int64_t a2 = WinogradF<kWino>::a * WinogradF<kWino>::a;
   const int64_t off_main = db ? g.cout : 0, off_wino = off_main + g.cout * k;
   const int64_t off_t16 = off_wino + (g.wino ? a2 * g.cout * g.cin : 0), off_big = off_t16 + (dw16 ? k * 16 : 0);
-  std::vector<int64_t> off_pack{off_big + (g.small_s ? mb * kb : 0)};
+  std::vector<int64_t> off_pack{off_big + (g.small_s ? mb * kb : g.grid2 ? 9 * g.cout * g.cin : 0)};
   for (int64_t pk = 0; pk < npk; ++pk) off_pack.push_back(off_pack.back() + static_cast<int64_t>(packs[pk].size()));
   const int64_t acc_size = dwq ? off_pack.back() : db ? g.cout : 0;
   std::vector<T*> sums(nthr, nullptr);
@@ -624,6 +813,24 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
             T* out = dxb + c * g.P * g.S + (a0 + i) * g.S;
             for (int64_t s = 0; s < g.S; ++s) out[s] += acc[s];
           }
+      }
+      if (g.grid2) {  // support part: dt = A dy A' per ξ; sums[ξ] += dt[ξ] (B x B')[ξ]ᵀ; dx += Bᵀ (Uᵀ[ξ] dt[ξ]) B
+        T* dt = grow(dyp, 9 * g.cout * na);
+        grid2_in(dyc, ldy, g.cout, na, Grid2::A, dt, g.cout * na);
+        if (dwq) {
+          T* xt = grow(cs, 9 * g.cin * na);
+          grid2_in(xb + a0 * 4, g.P * 4, g.cin, na, Grid2::B, xt, g.cin * na);
+          for (int xi = 0; xi < 9; ++xi)
+            gemm<T>(false, true, g.cout, g.cin, na, T(1), dt + xi * g.cout * na, na, xt + xi * g.cin * na, na, T(1),
+                    part + off_big + xi * g.cout * g.cin, g.cin);
+        }
+        if (dx) {
+          T* m = grow(dcol, 9 * g.cin * na);
+          for (int xi = 0; xi < 9; ++xi)
+            gemm<T>(false, false, g.cin, na, g.cout, T(1), u2t + xi * g.cin * g.cout, g.cout, dt + xi * g.cout * na, na,
+                    T(0), m + xi * g.cin * na, na);
+          grid2_out(m, g.cin * na, g.cin, na, Grid2::BT, dxb + a0 * 4, g.P * 4);
+        }
       }
       if (g.small_s) {  // support part, one GEMM over (o, p) x (c, s)
         if (dwq) {  // sums (mb x kb) += dyp (mb x na) · xs (na x kb), xs[i, (c, s)] = x[c, a0 + i, s]
@@ -742,6 +949,17 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
             const T* big = part + off_big + (o * g.Sp + p) * kb + src;
             for (int64_t c = 0; c < g.cin; ++c) ds[c * ks2 + t] += big[c * g.S];
           }
+        for (int64_t c = 0; g.grid2 && c < g.cin; ++c) {  // dw = Gᵀ u G over the 9 sums of (o, c)
+          T u[9], h[3][3];
+          for (int xi = 0; xi < 9; ++xi) u[xi] = part[off_big + (xi * g.cout + o) * g.cin + c];
+          for (int u0 = 0; u0 < 3; ++u0)  // along x: h[u0][kx] = Σ_v G[v][kx] u[u0, v]
+            for (int kx = 0; kx < 3; ++kx)
+              h[u0][kx] = T(Grid2::G[0][kx]) * u[3 * u0] + T(Grid2::G[1][kx]) * u[3 * u0 + 1] + T(Grid2::G[2][kx]) * u[3 * u0 + 2];
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx)
+              ds[c * 9 + ky * 3 + kx] +=
+                  T(Grid2::G[0][ky]) * h[0][kx] + T(Grid2::G[1][ky]) * h[1][kx] + T(Grid2::G[2][ky]) * h[2][kx];
+        }
         for (int64_t pk = 0; pk < npk; ++pk) {
           const auto& taps = g.taps[pk];
           const int64_t nt = taps.size();
