@@ -3,6 +3,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -77,6 +79,44 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, con
             ld(ldb), a, ld(lda), beta, c, ld(ldc));
 }
 
+// The AVX-512 kernels (functions with target("avx512f")) run where the CPU has it, chosen at run time.
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+// One 16 x 16 float block: dst[j, i] = src[i, j] (rows `n` <= 16 of src, the rest read as zeros, and
+// `m` <= 16 columns), by the unpack / shuffle / lane-shuffle network.
+__attribute__((target("avx512f"))) inline void transpose16_avx512(int64_t n, int64_t m, const float* src, int64_t lds,
+                                                                  float* dst, int64_t ldd) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << m) - 1), rows = static_cast<__mmask16>((1u << n) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < n ? _mm512_maskz_loadu_ps(cols, src + i * lds) : _mm512_setzero_ps();
+  for (int k = 0; k < 8; ++k) {  // pairs of rows interleaved
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // quads: lane L of r[4k + j] holds column 4L + j of rows 4k .. 4k + 3
+    r[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes gathered across the quads
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+  for (int j = 0; j < m; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rows, r[j]);
+}
+
 // dst (cols x rows, row stride ldd) = srcᵀ for src (rows x cols, row stride lds), in 16 x 16 blocks.
 template <typename T>
 inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
@@ -84,15 +124,15 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* 
   for (int64_t i0 = 0; i0 < rows; i0 += kB)
     for (int64_t j0 = 0; j0 < cols; j0 += kB) {
       const int64_t i1 = std::min(rows, i0 + kB), j1 = std::min(cols, j0 + kB);
+      if constexpr (std::is_same<T, float>::value) {
+        if (has_avx512()) {
+          transpose16_avx512(i1 - i0, j1 - j0, src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+          continue;
+        }
+      }
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
     }
-}
-
-// The AVX-512 kernels (functions with target("avx512f")) run where the CPU has it, chosen at run time.
-inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
 }
 
 // Σ x[0 .. n) in vector partial sums: a single running sum would be one chain of dependent adds.

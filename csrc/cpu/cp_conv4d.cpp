@@ -781,8 +781,7 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         grow(col, (k - g.cin * g.kq2) * n);
         if (g.dense) support_cols(g, xb, a0, na, col.data());
         grow(dyt, n * 16);
-        for (int64_t o = 0; o < 16; ++o)
-          for (int64_t j = 0; j < n; ++j) dyt[j * 16 + o] = dyc[o * ldy + j];
+        transpose(int64_t(16), n, dyc, ldy, dyt.data(), int64_t(16));
         rows.resize(k);
         for_query_row_runs(g, a0, na, [&](int64_t i, int64_t len) {
           main_rows16(g, xpp, col.data(), n, b, a0, i, k, rows.data());
