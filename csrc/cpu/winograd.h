@@ -119,11 +119,43 @@ __attribute__((target("avx512f"))) inline __m512 bt_quarters(__m512 t) {
   return _mm512_mask_add_ps(_mm512_sub_ps(x, y), 0x00F0, x, y);
 }
 
+// Four consecutive tiles' transforms, q[k][i] of tile tx0 + k holding ξ = 4 i .. 4 i + 3 in its quarters,
+// stored as 16 floats per ξ at out + ξ os (4 x 4 quarter transposes: full-width stores).
+__attribute__((target("avx512f"))) inline void store_tiles4(const __m512 q[4][4], float* out, int64_t os) {
+  for (int i = 0; i < 4; ++i) {
+    const __m512 a = _mm512_shuffle_f32x4(q[0][i], q[1][i], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 b = _mm512_shuffle_f32x4(q[2][i], q[3][i], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 c = _mm512_shuffle_f32x4(q[0][i], q[1][i], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 d = _mm512_shuffle_f32x4(q[2][i], q[3][i], _MM_SHUFFLE(3, 2, 3, 2));
+    _mm512_storeu_ps(out + (4 * i) * os, _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(out + (4 * i + 1) * os, _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(out + (4 * i + 2) * os, _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(out + (4 * i + 3) * os, _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+}
+
+// The tiles of a row by `tile(tx, q)` (q[i]: ξ = 4 i .. 4 i + 3 in quarters), stored at out[ξ os + 4 tx + j]:
+// four tiles at a time with full-width stores, the rest by quarters.
+template <typename Tile>
+__attribute__((target("avx512f"))) inline void store_row(int64_t tw, float* out, int64_t os, Tile&& tile) {
+  int64_t tx = 0;
+  for (; tx + 4 <= tw; tx += 4) {
+    __m512 q[4][4];
+    for (int k = 0; k < 4; ++k) tile(tx + k, q[k]);
+    store_tiles4(q, out + 4 * tx, os);
+  }
+  for (; tx < tw; ++tx) {
+    __m512 q[4];
+    tile(tx, q);
+    for (int i = 0; i < 4; ++i) store_quarters(q[i], out + 4 * i * os + 4 * tx, os);
+  }
+}
+
 // The input transform of one tile row of one channel: d[r] is grid row 2 ty - 1 + r (nullptr outside
 // the grid, read as zeros), v[ξ xs + 4 tx + j] = (Bᵀ d B)[ξ] of tile tx.
 __attribute__((target("avx512f"))) inline void input_row(const float* const d[4], int64_t wd, int64_t tw, float* v,
                                                          int64_t xs) {
-  for (int64_t tx = 0; tx < tw; ++tx) {
+  store_row(tw, v, xs, [&](int64_t tx, __m512 q[4]) __attribute__((target("avx512f"))) {
     const int64_t x0 = 2 * tx - 1;  // the patch's columns x0 .. x0 + 3, zero outside 0 .. wd - 1
     unsigned bits = 0;
     for (int k = 0; k < 4; ++k)
@@ -132,10 +164,11 @@ __attribute__((target("avx512f"))) inline void input_row(const float* const d[4]
     __m512 r[4];
     for (int i = 0; i < 4; ++i)  // (masked lanes are not read: no fault before column 0)
       r[i] = d[i] ? _mm512_maskz_loadu_ps(mask, d[i] + 4 * x0) : _mm512_setzero_ps();
-    const __m512 t[4] = {_mm512_sub_ps(r[0], r[2]), _mm512_add_ps(r[1], r[2]), _mm512_sub_ps(r[2], r[1]),
-                         _mm512_sub_ps(r[1], r[3])};
-    for (int i = 0; i < 4; ++i) store_quarters(bt_quarters(t[i]), v + 4 * i * xs + 4 * tx, xs);
-  }
+    q[0] = bt_quarters(_mm512_sub_ps(r[0], r[2]));
+    q[1] = bt_quarters(_mm512_add_ps(r[1], r[2]));
+    q[2] = bt_quarters(_mm512_sub_ps(r[2], r[1]));
+    q[3] = bt_quarters(_mm512_sub_ps(r[1], r[3]));
+  });
 }
 
 // The output transform of one tile row of one output channel: P[ξ] at p + ξ ps + 4 tx, added to the
@@ -168,16 +201,17 @@ __attribute__((target("avx512f"))) inline void output_row(const float* p, int64_
 // `rows` of them inside, zeros beyond): e[ξ es + 4 tx + j] = (A g Aᵀ)[ξ] of tile tx.
 __attribute__((target("avx512f"))) inline void grad_row(const float* g, int rows, int64_t wd, int64_t tw, float* e,
                                                         int64_t es) {
-  for (int64_t tx = 0; tx < tw; ++tx) {
+  store_row(tw, e, es, [&](int64_t tx, __m512 q[4]) __attribute__((target("avx512f"))) {
     const __mmask16 mask = 2 * tx + 1 < wd ? 0x00FF : 0x000F;
     const __m512 g0 = _mm512_maskz_loadu_ps(mask, g + 8 * tx);
     const __m512 g1 = rows > 1 ? _mm512_maskz_loadu_ps(mask, g + 4 * wd + 8 * tx) : _mm512_setzero_ps();
     const __m512 t[4] = {g0, _mm512_add_ps(g0, g1), _mm512_sub_ps(g0, g1), _mm512_sub_ps(_mm512_setzero_ps(), g1)};
     for (int i = 0; i < 4; ++i) {  // along x: (c0, c0 + c1, c0 - c1, -c1)
-      const __m512 a = _mm512_maskz_shuffle_f32x4(0x0FFF, t[i], t[i], 0), b = _mm512_maskz_shuffle_f32x4(0xFFF0, t[i], t[i], 0x55);
-      store_quarters(_mm512_mask_sub_ps(_mm512_add_ps(a, b), 0xFF00, a, b), e + 4 * i * es + 4 * tx, es);
+      const __m512 a = _mm512_maskz_shuffle_f32x4(0x0FFF, t[i], t[i], 0);
+      const __m512 b = _mm512_maskz_shuffle_f32x4(0xFFF0, t[i], t[i], 0x55);
+      q[i] = _mm512_mask_sub_ps(_mm512_add_ps(a, b), 0xFF00, a, b);
     }
-  }
+  });
 }
 
 }  // namespace wino4
