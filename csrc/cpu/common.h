@@ -85,8 +85,9 @@ inline bool has_avx512() {
   return yes;
 }
 
-// One 16 x 16 float block: dst[j, i] = src[i, j] (rows `n` <= 16 of src, the rest read as zeros, and
-// `m` <= 16 columns), by the unpack / shuffle / lane-shuffle network.
+// One 16 x 16 float block: dst[j, i] = src[i, j] (or += with Add; rows `n` <= 16 of src, the rest read
+// as zeros, and `m` <= 16 columns), by the unpack / shuffle / lane-shuffle network.
+template <bool Add>
 __attribute__((target("avx512f"))) inline void transpose16_avx512(int64_t n, int64_t m, const float* src, int64_t lds,
                                                                   float* dst, int64_t ldd) {
   const __mmask16 cols = static_cast<__mmask16>((1u << m) - 1), rows = static_cast<__mmask16>((1u << n) - 1);
@@ -114,11 +115,15 @@ __attribute__((target("avx512f"))) inline void transpose16_avx512(int64_t n, int
     r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
     r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
   }
-  for (int j = 0; j < m; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rows, r[j]);
+  for (int j = 0; j < m; ++j) {
+    if (Add) r[j] = _mm512_add_ps(r[j], _mm512_maskz_loadu_ps(rows, dst + j * ldd));
+    _mm512_mask_storeu_ps(dst + j * ldd, rows, r[j]);
+  }
 }
 
-// dst (cols x rows, row stride ldd) = srcᵀ for src (rows x cols, row stride lds), in 16 x 16 blocks.
-template <typename T>
+// dst (cols x rows, row stride ldd) = srcᵀ (or += srcᵀ with Add) for src (rows x cols, row stride lds), in
+// 16 x 16 blocks.
+template <typename T, bool Add = false>
 inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t kB = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kB)
@@ -126,12 +131,12 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* 
       const int64_t i1 = std::min(rows, i0 + kB), j1 = std::min(cols, j0 + kB);
       if constexpr (std::is_same<T, float>::value) {
         if (has_avx512()) {
-          transpose16_avx512(i1 - i0, j1 - j0, src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+          transpose16_avx512<Add>(i1 - i0, j1 - j0, src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
           continue;
         }
       }
       for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = (Add ? dst[j * ldd + i] : T(0)) + src[i * lds + j];
     }
 }
 
