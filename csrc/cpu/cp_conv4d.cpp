@@ -43,7 +43,7 @@ constexpr int kWino = 2;  // Winograd output tile of the 3x3 query convolutions:
 // Fewest GEMM columns of a task while every thread still gets one: on small grids (HSNet at 200 px:
 // 13x13 or 25x25 queries, 1x1 or 2x2 supports) thinner GEMMs cost more than the balance gains.
 constexpr int64_t kMinCols = 128;
-constexpr int64_t kMinWinoCols = 256;
+constexpr int64_t kMinWinoCols = 128;
 constexpr int64_t kMinPerPosCols = 64;  // see Geometry: thinner per-position support GEMMs go dense
 
 struct Geometry {
@@ -109,7 +109,8 @@ struct Geometry {
                                                                                 : static_cast<int>(S);
         }
     // Winograd wants wide GEMMs: at least kMinWinoCols columns (tiles x Sp) in all, else the im2col GEMM
-    // (K = 9 Cin) is faster (measured: HSNet's layer4 64->128 and its 1x1-grid mixing at 200 px).
+    // (K = 9 Cin) is faster (measured: HSNet's 1x1-grid mixing at 200 px, 49 columns; layer4's 64->128 at
+    // 400 px b1, 196 columns, is 11-13% faster by Winograd since the AVX-512 transforms of winograd.h).
     const int64_t wino_cols = nb * ((ha + kWino - 1) / kWino) * ((wa + kWino - 1) / kWino) * Sp;
     wino = kq == 3 && cin >= 16 && cout >= 32 && wino_cols >= kMinWinoCols;
     plan_tasks();
