@@ -149,8 +149,9 @@ def _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cin,cout,stride,sizes", [  # batch 2 x tiles x Sp >= 128 GEMM columns: Winograd
+@pytest.mark.parametrize("cin,cout,stride,sizes", [  # batch 2 x tiles x Sp GEMM columns >= 256 (backward 128)
     (16, 32, 1, (5, 7, 3, 4)),   # odd query sizes: partial 2x2 tiles at the right and bottom edges
+    (16, 32, 2, (7, 9, 4, 4)),   # 160 columns: the forward by im2col GEMM, the gradients by Winograd
     (16, 32, 2, (12, 12, 4, 4)),  # pruned support (HSNet's 64->128 layers)
     (17, 33, 2, (7, 9, 5, 5)),
     (32, 32, 1, (11, 13, 2, 2)),  # mixing block shape
@@ -159,8 +160,8 @@ def _check_float32_against_float64(cin, cout, kq, ks, stride, sizes, seed):
     (16, 32, 1, (1, 1, 12, 12)),  # a 1x1 query grid: one tile, three of its four outputs cut off
 ])
 def test_cp_conv4d_winograd_query_path(dtype, cin, cout, stride, sizes):
-    """3x3 query kernels with >= 16 in and >= 32 out channels and >= 128 GEMM columns take the Winograd
-    F(2x2, 3x3) path for the query part of the forward and both gradients; every output and gradient
+    """3x3 query kernels with >= 16 in and >= 32 out channels and >= 256 GEMM columns (128 in the backward)
+    take the Winograd F(2x2, 3x3) path for the query part of the forward and both gradients; every output and gradient
     matches the direct reference."""
     g = torch.Generator().manual_seed(2)
     x = _noncontig(torch.randn(2, cin, *sizes, generator=g, dtype=dtype))

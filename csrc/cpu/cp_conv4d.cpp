@@ -43,7 +43,8 @@ constexpr int kWino = 2;  // Winograd output tile of the 3x3 query convolutions:
 // Fewest GEMM columns of a task while every thread still gets one: on small grids (HSNet at 200 px:
 // 13x13 or 25x25 queries, 1x1 or 2x2 supports) thinner GEMMs cost more than the balance gains.
 constexpr int64_t kMinCols = 128;
-constexpr int64_t kMinWinoCols = 128;
+// Fewest GEMM columns for Winograd (see Geometry), in the forward and in the backward.
+constexpr int64_t kMinWinoCols = 256, kMinWinoColsBackward = 128;
 constexpr int64_t kMinPerPosCols = 64;  // see Geometry: thinner per-position support GEMMs go dense
 
 struct Geometry {
@@ -61,7 +62,7 @@ struct Geometry {
   bool wino;              // query part by Winograd; tasks are whole tile rows (kWino query rows)
   int64_t chunk, nchunks;  // query positions per task
 
-  Geometry(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t s) : stride(s) {
+  Geometry(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t s, bool backward) : stride(s) {
     nb = x.size(0), cin = x.size(1), ha = x.size(2), wa = x.size(3), hb = x.size(4), wb = x.size(5);
     cout = wq.size(0), kq = wq.size(2), ks = ws.size(2), kq2 = kq * kq;
     hp = (hb + s - 1) / s, wp = (wb + s - 1) / s;
@@ -109,10 +110,12 @@ struct Geometry {
                                                                                 : static_cast<int>(S);
         }
     // Winograd wants wide GEMMs: at least kMinWinoCols columns (tiles x Sp) in all, else the im2col GEMM
-    // (K = 9 Cin) is faster (measured: HSNet's 1x1-grid mixing at 200 px, 49 columns; layer4's 64->128 at
-    // 400 px b1, 196 columns, is 11-13% faster by Winograd since the AVX-512 transforms of winograd.h).
+    // (K = 9 Cin) is faster (measured: HSNet's 1x1-grid mixing at 200 px, 49 columns). In between, layer4's
+    // 64->128 at 400 px b1 (196 columns) measured 11-13% faster by Winograd in quiet runs, but its forward
+    // 0.89-0.90x the reference's in two of four benchmark runs where the machine ran slow (the im2col
+    // GEMM: 1.01-1.13x in four); its backward was faster by Winograd in all of them.
     const int64_t wino_cols = nb * ((ha + kWino - 1) / kWino) * ((wa + kWino - 1) / kWino) * Sp;
-    wino = kq == 3 && cin >= 16 && cout >= 32 && wino_cols >= kMinWinoCols;
+    wino = kq == 3 && cin >= 16 && cout >= 32 && wino_cols >= (backward ? kMinWinoColsBackward : kMinWinoCols);
     plan_tasks();
     // Per-position GEMMs thinner than kMinPerPosCols columns (small queries: HSNet's layer4 at 400 px) run
     // slower than the dense GEMM with up to a third of zeros in it (measured: 64->128 at 13x13, 69% valid).
@@ -1016,7 +1019,7 @@ at::Tensor cp_conv4d_forward(const at::Tensor& x_, const at::Tensor& wq_, const 
                              const at::Tensor& ws_, const c10::optional<at::Tensor>& bs, int64_t stride) {
   check_inputs(x_, wq_, ws_, stride);
   const auto x = prepared(x_), ws = prepared(ws_);
-  Geometry g(x, wq_, ws, stride);  // shapes only
+  Geometry g(x, wq_, ws, stride, false);  // shapes only
   const auto wq = g.folded ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   auto bias = at::zeros({g.cout}, x.options());  // bias_q + bias_s
   if (bq.has_value() && bq->defined()) bias += bq->to(x.scalar_type());
@@ -1034,7 +1037,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_conv4d
     std::array<bool, 3> output_mask) {
   check_inputs(x_, wq_, ws_, stride);
   const auto x = prepared(x_), ws = prepared(ws_);
-  Geometry g(x, wq_, ws, stride);  // shapes only
+  Geometry g(x, wq_, ws, stride, true);  // shapes only
   const auto wq = g.folded ? folded_query_weights(prepared(wq_), ws) : prepared(wq_);
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
   TORCH_CHECK(dy.numel() == g.nb * g.cout * g.P * g.Sp, "cp_conv4d backward: grad_out has the wrong size");
