@@ -15,9 +15,9 @@
 //    when per-position GEMMs would be thinner than kMinPerPosCols): the support taps join that GEMM
 //    (zeros where a tap reads padding);
 //  * per-position path otherwise: the main GEMM has the query taps only, and each p adds a GEMM over
-//    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it
-//    with 3x3 support kernels at stride 1 on 2x2 grids (HSNet's mixing blocks), by the 3-multiply
-//    Toeplitz products of grid2_* below: 9 GEMMs of Cout x Cin where (o, p) x (c, s) has 16;
+//    its own valid taps T_p, or, on small grids, one GEMM over (o, p) x (c, s) with few zeros in it;
+//    on 2x2 grids with 3x3 support kernels at stride 1 (HSNet's mixing blocks) the 3-multiply Toeplitz
+//    products of grid2_* below: 9 GEMMs of Cout x Cin where the (o, p) x (c, s) GEMM has 16 such blocks;
 //  * 3x3 query kernels with enough channels and columns (HSNet's 64->128 and mixing layers at 400 px):
 //    the query part by Winograd F(kWino x kWino, 3x3) over tasks of whole tile rows instead of the main
 //    GEMM (winograd.h), in the forward and in both gradients;
@@ -98,7 +98,7 @@ struct Geometry {
     folded = S == 1;
     dense = !folded && (cout == 16 ? 2 * valid >= all_taps : 4 * valid >= 3 * all_taps);
     // Per-position support GEMMs merged into one whose weights are zero where s is no tap source of p;
-    // worth it while at most 1/3 of that GEMM's products are such zeros (HSNet's 2x2 grids: none).
+    // worth it while at most 1/3 of that GEMM's products are such zeros (a 2x3 grid, k3: 1/3).
     grid2 = hb == 2 && wb == 2 && ks == 3 && s == 1;
     small_s = !dense && !folded && !grid2 && 2 * S * Sp <= 3 * valid;
     sidx.assign(ks * ks * Sp, 0);
@@ -300,7 +300,7 @@ __attribute__((target("avx512f"))) inline void add4(const __m512 x[4], int64_t n
   }
 }
 
-// The sum of the terms of `row` with coefficient 1 (Grid2's matrices have 0 and 1 only, and G).
+// Σ_i row[i] v[i] for a row of 0s and 1s (Grid2's B, A, Aᵀ and Bᵀ).
 template <int N>
 __attribute__((target("avx512f"))) inline __m512 ones(const int (&row)[N], const __m512* v) {
   __m512 acc = _mm512_setzero_ps();
