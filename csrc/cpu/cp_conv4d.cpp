@@ -457,6 +457,16 @@ T* transposed_chunk(const Geometry& g, const T* xb, int64_t a0, int64_t na, std:
   return xt;
 }
 
+// Position p's operand on the per-position path, its valid taps' rows of a transposed_chunk copied:
+// out[(c, ti), i] = x[c, a0 + i, src_p(ti)] (Cin |T_p| x na).
+template <typename T>
+void position_operand(const Geometry& g, const T* xt, int64_t na, int64_t p, T* out) {
+  const auto& src = g.src[p];
+  const int64_t nt = src.size();
+  for (int64_t c = 0; c < g.cin; ++c)
+    for (int64_t ti = 0; ti < nt; ++ti) std::copy_n(xt + (c * g.S + src[ti]) * na, na, out + (c * nt + ti) * na);
+}
+
 // Row pointers of all support taps (c, t) of position p into a transposed_chunk.
 template <typename T>
 void support_tap_rows(const Geometry& g, const T* xt, int64_t na, int64_t p, const T** rows) {
@@ -694,12 +704,9 @@ void forward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, const
       } else if (g.per_position()) {  // each p's GEMM into its slice of tmp, then one pass adds all to y
         T* sp = grow(tmp, g.Sp * g.cout * na);
         const T* xt = transposed_chunk(g, xb, a0, na, xtr);
-        for (int64_t p = 0; p < g.Sp; ++p) {  // p's operand: its taps' rows of xt, copied
-          const auto& src = g.src[p];
-          const int64_t nt = src.size(), kp = g.cin * nt;
-          grow(cs, kp * na);
-          for (int64_t c = 0; c < g.cin; ++c)
-            for (int64_t ti = 0; ti < nt; ++ti) std::copy_n(xt + (c * g.S + src[ti]) * na, na, cs.data() + (c * nt + ti) * na);
+        for (int64_t p = 0; p < g.Sp; ++p) {
+          const int64_t kp = g.cin * g.nt(p);
+          position_operand(g, xt, na, p, grow(cs, kp * na));
           gemm<T>(false, false, g.cout, na, kp, T(1), packs[g.pack_of[p]].data(), kp, cs.data(), na, T(0),
                   sp + p * g.cout * na, na);
         }
@@ -900,26 +907,25 @@ void backward_impl(const Geometry& g, const T* x, const T* wq, const T* ws, cons
         }
       }
       if (g.per_position()) {  // support part, per p with its valid taps, on transposed chunks
-        // dyt[o, p, i] = dy[o, a0 + i, p]: position p's (Cout x na) rows lie n apart, from p na on
-        T* dyt_ = grow(dyT, g.cout * n);
-        for (int64_t o = 0; o < g.cout; ++o) transpose(na, g.Sp, dyc + o * ldy, g.Sp, dyt_ + o * n, na);
+        // dy_pi[o, p, i] = dy[o, a0 + i, p]: position p's (Cout x na) rows lie n apart, from p na on
+        T* dy_pi = grow(dyT, g.cout * n);
+        for (int64_t o = 0; o < g.cout; ++o) transpose(na, g.Sp, dyc + o * ldy, g.Sp, dy_pi + o * n, na);
         const T* xtc = dwq ? transposed_chunk(g, xb, a0, na, xtr) : nullptr;
         T* dxtc = dx ? grow(dxT, g.cin * g.S * na) : nullptr;  // dx's chunk, transposed like xtc
         if (dx) std::fill_n(dxtc, g.cin * g.S * na, T(0));
         for (int64_t p = 0; p < g.Sp; ++p) {
           const int64_t nt = g.nt(p), kp = g.cin * nt, pk = g.pack_of[p];
           const auto& src = g.src[p];
-          if (dwq) {  // sums (kp x Cout) += xs (kp x na) · dyp (na x Cout), xs[(c, ti), i] = x[c, a0 + i, src_p(ti)]
+          if (dwq) {  // sums (kp x Cout) += xs (kp x na) · dyp (na x Cout), xs = p's operand (position_operand)
             T* xs = grow(cs, kp * na);
-            for (int64_t c = 0; c < g.cin; ++c)
-              for (int64_t ti = 0; ti < nt; ++ti) std::copy_n(xtc + (c * g.S + src[ti]) * na, na, xs + (c * nt + ti) * na);
+            position_operand(g, xtc, na, p, xs);
             T* dp = grow(tmp, na * g.cout);
-            transpose(g.cout, na, dyt_ + p * na, n, dp, g.cout);
+            transpose(g.cout, na, dy_pi + p * na, n, dp, g.cout);
             gemm<T>(false, false, kp, g.cout, na, T(1), xs, na, dp, g.cout, T(1), part + off_pack[pk], g.cout);
           }
           if (dx) {  // (kp x na) = Ws_pᵀ (kp x Cout) · dyp (Cout x na), added to the taps' source rows
             T* d = grow(dcol, kp * na);
-            gemm<T>(false, false, kp, na, g.cout, T(1), packs_t[pk].data(), g.cout, dyt_ + p * na, n, T(0), d, na);
+            gemm<T>(false, false, kp, na, g.cout, T(1), packs_t[pk].data(), g.cout, dy_pi + p * na, n, T(0), d, na);
             for (int64_t c = 0; c < g.cin; ++c)
               for (int64_t ti = 0; ti < nt; ++ti) {
                 T* out = dxtc + (c * g.S + src[ti]) * na;
